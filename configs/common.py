@@ -1,0 +1,86 @@
+"""The EsViT pretraining recipe shared by every pretraining config (esvit_spec.md section 4.1)."""
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses 'k=v,k2=v2' config arguments, typing each value like its default."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return parsed
+
+
+def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
+  """The published EsViT recipe: batch 512, 300 epochs, ImageNet-1K, view + region losses."""
+  config = ml_collections.ConfigDict()
+  config.task = "pretrain"
+  config.seed = 0
+
+  # Data: one string names the dataset ('demo', a TFDS name, or 'folder:/path').
+  config.dataset = "imagenet2012"
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
+  config.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual downloads.
+  config.train_split = "train"
+  config.eval_split = "validation"
+  config.global_crop_size = 224
+  config.local_crop_size = 96
+  config.num_local_crops = 8
+  config.global_crop_scale = (0.4, 1.0)
+  config.local_crop_scale = (0.05, 0.4)
+  config.eval_resize = 256
+  config.eval_crop_size = 224
+  config.shuffle_buffer = 10_000
+  config.batch_size = 512  # Global, over all hosts and devices.
+  config.epochs = 300
+  config.total_steps = ml_collections.FieldReference(None, field_type=int)  # Overrides epochs.
+
+  # Model: a Swin backbone with a view head and a region head.
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = backbone
+  config.model.window_size = window_size
+  config.model.image_size = 224  # Construction resolution: fixes each block's window and shift.
+  config.model.drop_path_rate = drop_path_rate  # Student only; the teacher runs without drop path.
+  config.model.out_dim = 65536
+  config.model.hidden_dim = 2048
+  config.model.bottleneck_dim = 256
+  config.model.norm_last_layer = False
+  config.model.remat = False
+
+  # Objective.
+  config.region_loss_weight = 0.5  # 0 gives plain DINO (view loss only).
+  config.student_temp = 0.1
+  config.teacher_temp = 0.07
+  config.warmup_teacher_temp = 0.04
+  config.warmup_teacher_temp_epochs = 30
+  config.center_momentum = 0.9
+
+  # Optimisation: AdamW, lr = lr * batch_size / 256.
+  config.lr = 5e-4
+  config.min_lr = 1e-6
+  config.warmup_epochs = 10
+  config.weight_decay = 0.04
+  config.weight_decay_end = 0.4
+  config.clip_grad = 3.0
+  config.freeze_last_layer_epochs = 1
+  config.momentum_teacher = 0.996
+  config.compute_dtype = "bfloat16"
+
+  # Parallelism: 'data' replicates parameters; 'fsdp' shards them over the data axis.
+  config.sharding = "data"
+
+  # Loop, logging, checkpoints, monitoring.
+  config.log_every_steps = 100
+  config.ckpt_every_steps = 2000
+  config.keep_ckpts = 3
+  config.keep_every_steps = 50_000
+  config.eval_every_steps = 25_000  # Periodic k-NN on a held-out split; 0 disables it.
+  config.knn_k = 20
+  config.knn_temperature = 0.07
+  config.knn_train_examples = 50_000  # Examples of the train split used as the k-NN memory bank.
+  config.knn_eval_examples = 10_000
+  config.profile_steps = 0  # > 0: trace that many steps after the first few.
+  return config
