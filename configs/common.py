@@ -24,6 +24,7 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.dataset = "imagenet2012"
   config.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir.
   config.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual downloads.
+  config.download = False  # Let TFDS download and prepare a dataset that is not prepared yet.
   config.train_split = "train"
   config.eval_split = "validation"
   config.global_crop_size = 224
@@ -71,6 +72,7 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
 
   # Parallelism: 'data' replicates parameters; 'fsdp' shards them over the data axis.
   config.sharding = "data"
+  config.fsdp_min_size_mb = 4.0  # Under 'fsdp', smaller tensors stay replicated.
 
   # Loop, logging, checkpoints, monitoring.
   config.log_every_steps = 100
@@ -82,5 +84,6 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.knn_temperature = 0.07
   config.knn_train_examples = 50_000  # Examples of the train split used as the k-NN memory bank.
   config.knn_eval_examples = 10_000
+  config.eval_batch_size = 256  # Global batch of feature extraction.
   config.profile_steps = 0  # > 0: trace that many steps after the first few.
   return config

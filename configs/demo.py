@@ -1,0 +1,41 @@
+r"""A small Swin pretrained with the full EsViT recipe on the embedded demo dataset, on a CPU.
+
+  python main.py --config configs/demo.py --workdir demo_workdir      (make demo runs this and evaluates it)
+
+Same code path as ImageNet pretraining, scaled down: 64 px images of 10 shape/texture classes, 32 px
+global and 16 px local crops, a 3-stage Swin (window 4), heads of 1024 prototypes. Sized to finish
+on a 2-core CPU in a few minutes; k-NN on the demo test split is logged before and after training.
+"""
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, epochs=12)
+  config = common.pretrain_config("swin_tiny", drop_path_rate=0.1, window_size=4)
+  config.dataset = "demo"
+  config.eval_split = "test"
+  config.global_crop_size = 32
+  config.local_crop_size = 16
+  config.num_local_crops = 6
+  config.eval_resize = 36
+  config.eval_crop_size = 32
+  config.shuffle_buffer = 1000
+
+  config.model.update(dict(embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), image_size=32,
+                           out_dim=1024, hidden_dim=256, bottleneck_dim=64))
+  config.batch_size = 64
+  config.epochs = args.epochs
+  config.lr = 2e-3
+  config.warmup_epochs = 2
+  config.warmup_teacher_temp_epochs = 3
+  config.momentum_teacher = 0.99
+  config.compute_dtype = "float32"  # bfloat16 matmuls are emulated, hence slow, on most CPUs.
+
+  config.log_every_steps = 20
+  config.ckpt_every_steps = 200
+  config.keep_every_steps = 0
+  config.eval_every_steps = 250
+  config.knn_train_examples = 4000
+  config.knn_eval_examples = 1000
+  config.eval_batch_size = 200
+  return config

@@ -1,0 +1,189 @@
+"""The train loop's input pipelines: multi-crop pretraining, evaluation, and linear-probe training.
+
+All emit uint8 images (what the PIL pipeline holds before ToTensor); the train step normalises on device,
+which moves 4x fewer bytes from host to device than float32.
+
+Training streams are infinite and exactly resumable. Global batch k holds the examples at positions
+[k * B, (k + 1) * B) of the global stream, where epoch e is a permutation (seeded by (config.seed, e)) cut
+to steps_per_epoch * B examples (the remainder is dropped, as torch's drop_last does); host i reads rows
+[i * b, (i + 1) * b) of each global batch (b = B / processes). Each example's augmentation is drawn from a
+stateless seed of (config.seed, its global position), so parallel maps are reproducible, a stream
+restarted at start_step continues with exactly batch start_step (the records before it are skipped
+undecoded), and, for sources with random access (demo, folders), the global batches are the same for any
+number of hosts, so a checkpoint can resume on another number of hosts. TFDS datasets are read as
+per-host slices of their record files (no random access): there a resume must keep the number of hosts.
+A resume must keep config.seed and config.batch_size.
+
+A file that cannot be decoded takes, in its batch, the place of a copy of a good example of the same
+batch (so the batch keeps its size and the stream its positions); every batch carries 'skipped_files', an
+int32 scalar: how many of this host's examples in the batch were such files (0-d, so sharding.global_batch
+keeps it as host-local metadata; summed over steps it is the host's count of bad files).
+"""
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from esvit_jax.data import augment
+from esvit_jax.data import sources
+
+GLOBAL_BLUR_PROB = (1.0, 0.1)
+GLOBAL_SOLARIZE_PROB = (0.0, 0.2)
+LOCAL_BLUR_PROB = 0.5
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int,
+                    batch_size: int | None = None) -> int:
+  """Full global batches (config.batch_size unless given, over all hosts) in a pass over num_examples."""
+  batch_size = batch_size or config.batch_size
+  if num_examples < batch_size:
+    raise ValueError(f"The split has {num_examples} examples, fewer than one batch of {batch_size}")
+  return num_examples // batch_size
+
+
+def host_batch_size(batch_size: int, shard: sources.HostShard) -> int:
+  """This host's share of a global batch."""
+  if batch_size % shard.process_count:
+    raise ValueError(f"Batch size {batch_size} does not split over {shard.process_count} processes")
+  return batch_size // shard.process_count
+
+
+def example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
+  """The stateless seed [2] of the example at a position of the global stream (all hosts)."""
+  return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), tf.cast(position, tf.int64))
+
+
+def multicrop_views(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> dict:
+  """DataAugmentationDINO on one decoded image: {'globals': uint8 [2, G, G, 3], 'locals': [N, L, L, 3]}.
+
+  Global crop 1 is always blurred, global crop 2 blurred with p 0.1 and solarised with p 0.2, the local
+  crops blurred with p 0.5; all share the flip, colour jitter and grayscale steps (augment.dino_views).
+  """
+  seed_global, seed_local = augment.split_seed(seed, 2)
+  n = config.num_local_crops
+  return {
+      "globals": augment.dino_views(image, seed_global, config.global_crop_size, config.global_crop_scale,
+                                    GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB),
+      "locals": augment.dino_views(image, seed_local, config.local_crop_size, config.local_crop_scale,
+                                   (LOCAL_BLUR_PROB,) * n, (0.0,) * n),
+  }
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+def _count_bad(ok: tf.Tensor) -> tf.Tensor:
+  return tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int32))
+
+
+def _replace_bad_rows(batch: dict) -> dict:
+  """Rows with ok=False take a copy of a good row of the batch (all rows stay if none is good)."""
+  ok = batch.pop("ok")
+  good = tf.cast(tf.where(ok)[:, 0], tf.int32)
+  rows = tf.range(tf.shape(ok)[0])
+  fill = tf.gather(good, rows % tf.maximum(tf.size(good), 1))
+  source_row = tf.where(ok | (tf.size(good) == 0), rows, fill)
+  out = {k: tf.gather(v, source_row) for k, v in batch.items()}
+  out["skipped_files"] = _count_bad(ok)
+  return out
+
+
+def training_batches(config: ml_collections.ConfigDict, source: sources.Source, split: str,
+                     batch_size: int, start_step: int, shard: sources.HostShard,
+                     transform: Callable[[dict, tf.Tensor], dict]) -> tf.data.Dataset:
+  """Infinite, resumable host batches of transform(decoded example, its seed) (see the module doc)."""
+  host_batch = host_batch_size(batch_size, shard)
+  steps = steps_per_epoch(config, source.num_examples(split), batch_size)
+  first_epoch, step_in_epoch = divmod(start_step, steps)
+
+  def epoch(e):
+    return source.epoch_records(split, e, shard=shard, seed=config.seed, shuffle=True,
+                                shuffle_buffer=config.shuffle_buffer, host_batch=host_batch).take(steps * host_batch)
+  records = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  records = records.skip(step_in_epoch * host_batch)
+  positions = tf.data.Dataset.range(start_step * host_batch, np.iinfo(np.int64).max)
+  records = tf.data.Dataset.zip(records, positions).map(lambda r, p: {**r, "position": p})
+
+  def augment_one(example):
+    step, row = example["position"] // host_batch, example["position"] % host_batch
+    seed = example_seed(config.seed, (step * shard.process_count + shard.process_index) * host_batch + row)
+    return {**transform(example, seed), "ok": example["ok"]}
+  ds = source.load(records, split).map(augment_one, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(host_batch, drop_remainder=True).map(_replace_bad_rows)
+  return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _source(config, source):
+  return source or sources.get_source(config.dataset, data_dir=config.data_dir,
+                                      manual_dir=config.manual_dir)
+
+
+def pretrain_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                     process_index: int | None = None, process_count: int | None = None,
+                     source: sources.Source | None = None) -> tf.data.Dataset:
+  """Infinite multi-crop batches of config.train_split for this host.
+
+  Elements: 'globals' uint8 [b, 2, G, G, 3], 'locals' uint8 [b, N, L, L, 3], 'skipped_files' int32 [], with
+  b = config.batch_size // process_count. start_step is the number of batches this host has consumed.
+  """
+  shard = sources.HostShard.current(process_index, process_count)
+
+  def transform(example, seed):
+    return multicrop_views(example["image"], seed, config)
+  return training_batches(config, _source(config, source), config.train_split, config.batch_size,
+                          start_step, shard, transform)
+
+
+def train_classification_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int,
+                                 crop_size: int, start_step: int = 0, process_index: int | None = None,
+                                 process_count: int | None = None,
+                                 source: sources.Source | None = None) -> tf.data.Dataset:
+  """Infinite labelled batches for the linear probe: RandomResizedCrop(crop_size, scale (0.08, 1),
+  bilinear, as eval_linear.py) + horizontal flip. Elements: 'image' uint8 [b, C, C, 3], 'label' int32
+  [b], 'skipped_files' int32 []; batch_size is global."""
+  shard = sources.HostShard.current(process_index, process_count)
+
+  def transform(example, seed):
+    return {"image": augment.inception_crop(example["image"], seed, crop_size), "label": example["label"]}
+  return training_batches(config, _source(config, source), split, batch_size, start_step, shard,
+                          transform)
+
+
+def eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None,
+                 source: sources.Source | None = None,
+                 max_examples: int | None = None) -> tuple[tf.data.Dataset, int]:
+  """One pass over this host's part of split (of its first max_examples examples if given; sources keep
+  a fixed shuffled order, so these mix the classes): Resize(config.eval_resize, bicubic) and
+  CenterCrop(config.eval_crop_size), no shuffle.
+
+  Returns (dataset, num_batches); every host yields num_batches batches of batch_size // process_count
+  rows: 'image' uint8 [b, C, C, 3], 'label' int32 [b], 'mask' bool [b] (False on padding rows and on
+  files that could not be decoded), 'skipped_files' int32 [] (how many of those files the batch holds).
+  """
+  shard = sources.HostShard.current(process_index, process_count)
+  source = _source(config, source)
+  host_batch = host_batch_size(batch_size, shard)
+  num_examples = min(source.num_examples(split), max_examples or np.iinfo(np.int64).max)
+  num_batches = -(-shard.largest(num_examples) // host_batch)
+  crop = config.eval_crop_size
+
+  def prepare(example):
+    return {"image": augment.center_crop_eval(example["image"], config.eval_resize, crop),
+            "label": tf.cast(example["label"], tf.int32), "mask": example["ok"], "ok": example["ok"]}
+
+  def count_bad(batch):
+    ok = batch.pop("ok")
+    return {**batch, "skipped_files": _count_bad(ok)}
+  records = source.epoch_records(split, 0, shard=shard, seed=config.seed, shuffle=False, limit=num_examples)
+  ds = source.load(records, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = {"image": tf.zeros([crop, crop, 3], tf.uint8), "label": tf.constant(0),
+             "mask": tf.constant(False), "ok": tf.constant(True)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(num_batches * host_batch).batch(host_batch, drop_remainder=True).map(count_bad)
+  return _options(ds.prefetch(tf.data.AUTOTUNE)), num_batches

@@ -1,0 +1,167 @@
+"""Linear probe on frozen features (the paper's protocol, esvit_spec.md section 5.1; configs/linear_probe.py).
+
+A linear layer (weights N(0, 0.01), bias 0) on the concatenated average-pooled outputs of the frozen teacher
+backbone's last n blocks, trained with SGD (momentum 0.9) on random-resized-crop + flip views, lr scaled by
+batch / 256 and annealed per epoch with a cosine (torch's CosineAnnealingLR stepped per epoch). Top-1 on
+the validation split after every epoch; the best and the last go to results.json. Checkpoints and resume
+work as in pretraining: the state holds the step, which is also the input position.
+"""
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+from etils import epath
+
+from esvit_jax import checkpointing
+from esvit_jax import export
+from esvit_jax import sharding
+from esvit_jax import train_step
+from esvit_jax import writers
+from esvit_jax.data import multicrop
+from esvit_jax.data import sources
+from esvit_jax.evaluate import results as results_lib
+
+
+@flax.struct.dataclass
+class ProbeState:
+  step: jax.Array
+  params: Any
+  opt_state: optax.OptState
+
+
+def classifier(num_classes: int) -> nn.Dense:
+  return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+
+
+def epoch_cosine(peak: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """lr of epoch e = peak * (1 + cos(pi * e / epochs)) / 2, constant within the epoch."""
+  return lambda step: peak * 0.5 * (1 + jnp.cos(jnp.pi * (step // steps_per_epoch) / epochs))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """torch SGD: weight decay added to the gradient before momentum."""
+  peak = config.lr * config.batch_size / 256
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(epoch_cosine(peak, config.epochs, steps_per_epoch), momentum=config.momentum))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the probe (or resumes it) and returns the results also written to workdir/results.json."""
+  if not config.pretrained:
+    raise ValueError("Set --config.pretrained to an export directory or a pretraining workdir.")
+  workdir = epath.Path(workdir)
+  with checkpointing.workdir_lock(workdir) as heartbeat:
+    writer = writers.create_writer(workdir)
+
+    #### Frozen backbone, data, classifier ####
+    mesh = sharding.make_mesh()
+    dtype = jnp.dtype(config.compute_dtype)
+    backbone, backbone_params = export.load_pretrained(config.pretrained, dtype=dtype,
+                                                       sharding=sharding.replicated(mesh))
+    source = sources.get_source(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    steps_per_epoch = multicrop.steps_per_epoch(config, source.num_examples(config.train_split))
+    total_steps = config.epochs * steps_per_epoch
+
+    def features(images):
+      images = train_step.normalize_images(images, dtype)
+      return backbone.apply({"params": backbone_params}, images, config.n_last_blocks,
+                            method=backbone.last_blocks).astype(jnp.float32)
+
+    size = config.eval_crop_size
+    feature_dim = jax.eval_shape(features, jnp.zeros((1, size, size, 3), jnp.uint8)).shape[-1]
+    logging.info("Linear probe on %d-d features of the last %d blocks, %d classes, %d steps.", feature_dim,
+                 config.n_last_blocks, source.num_classes, total_steps)
+    head = classifier(source.num_classes)
+    tx = make_optimizer(config, steps_per_epoch)
+
+    def init(rng):
+      params = head.init(rng, jnp.zeros((1, feature_dim)))["params"]
+      return ProbeState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    replicated = sharding.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init, jax.random.PRNGKey(0)))
+
+    #### Steps ####
+    def train(state, batch):
+      inputs = jax.lax.stop_gradient(features(batch["image"]))
+
+      def loss_fn(params):
+        logits = head.apply({"params": params}, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state), {"loss": loss}
+
+    train = jax.jit(train, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+    @jax.jit
+    def correct(params, batch):
+      predicted = jnp.argmax(head.apply({"params": params}, features(batch["image"])), axis=-1)
+      return jnp.sum((predicted == batch["label"]) & batch["mask"]), jnp.sum(batch["mask"])
+
+    def validate(params) -> float:
+      ds, _ = multicrop.eval_dataset(config, config.eval_split, batch_size=config.eval_batch_size, source=source)
+      hits = total = 0
+      for batch in sharding.prefetch_to_device(ds.as_numpy_iterator(), mesh):
+        batch.pop("skipped_files")
+        h, t = jax.device_get(correct(params, batch))
+        hits, total = hits + int(h), total + int(t)
+      return 100.0 * hits / total
+
+    #### Restore ####
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init, jax.random.PRNGKey(0)), state_sharding)
+    restored = checkpointer.restore_latest(target)
+    if restored:
+      state, meta = restored
+      history = meta["history"]
+    else:
+      state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+      history = []
+    first_step = int(jax.device_get(state.step))
+
+    #### Train, validating after every epoch ####
+    dataset = multicrop.train_classification_dataset(config, config.train_split, batch_size=config.batch_size,
+                                                     crop_size=config.crop_size, start_step=first_step,
+                                                     source=source)
+    batches = sharding.prefetch_to_device(dataset.as_numpy_iterator(), mesh)
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=config.log_every_steps, every_secs=None)
+    try:
+      for step in range(first_step + 1, total_steps + 1):
+        batch = next(batches)
+        batch.pop("skipped_files")
+        state, metrics = train(state, batch)
+        progress(step)
+        if step % config.log_every_steps == 0:
+          writer.write_scalars(step, jax.device_get(metrics))
+        if step % steps_per_epoch == 0:
+          epoch = step // steps_per_epoch
+          t = time.time()
+          top1 = validate(state.params)
+          history.append(top1)
+          writer.write_scalars(step, {"val_top1": top1, "val_seconds": time.time() - t, "epoch": epoch})
+          checkpointer.save(step, state, {"history": history}, force=True)
+          heartbeat()
+    finally:
+      checkpointer.wait()
+      writer.flush()
+    checkpointer.close()
+
+    best = int(np.argmax(history))
+    results = {"linear_top1_best": history[best], "linear_top1_last": history[-1], "best_epoch": best + 1,
+               "epochs": len(history), "feature_dim": feature_dim}
+    results_lib.write(workdir, results, config)
+    return results

@@ -1,0 +1,89 @@
+"""Analytic FLOPs of the EsViT train step, for MFU (MaxText convention: count the matmuls, 2 per multiply-add).
+
+What is counted, per image, on the shapes the hardware really computes:
+- Swin block on an H x W map padded to Hp x Wp (multiples of its window w, channels C, MLP ratio r):
+    qkv 2*Hp*Wp*C*3C + attention scores 2*Hp*Wp*w^2*C + attention-weighted values 2*Hp*Wp*w^2*C
+    + proj 2*Hp*Wp*C*C + MLP 2*H*W*C*rC*2 (the MLP runs on the unpadded map).
+- Patch embedding 2*(S/p)^2*(3p^2)*C0, patch merging 2*(h/2)*(w/2)*4C*2C (odd maps padded).
+- DINO head per row: 2*(C*hid + hid*hid + hid*bot + bot*K); the view head runs once per crop, the region
+  head once per region token.
+- Loss contractions (losses.py): view CE 2*T*V*K, region similarity 2*T*sum_v(N_v)*N_t*C and region CE
+  2*T*sum_v(N_v)*N_t*K (all teacher-student token pairs, as computed).
+Training = student forward (2 globals + the locals) + its backward + the teacher forward (2 globals).
+The backward of a matmul costs twice its forward (gradients of both operands), except where only one
+operand needs a gradient: the patch embedding (the images need none) and the cross-entropy contractions
+(the teacher side needs none) cost once their forward; the region similarity (argmax only) has none.
+Elementwise work (softmax, LayerNorm, GELU, the
+optimizer, the EMA) is not counted: it is small next to the matmuls and does not run on the matrix units.
+"""
+from typing import Any, Mapping
+
+from esvit_jax.models import swin
+
+
+def _padded(size: int, multiple: int) -> int:
+  return -(-size // multiple) * multiple
+
+
+def swin_block_flops(height: int, width: int, dim: int, window: int, mlp_ratio: float = 4.0) -> int:
+  """Matmul FLOPs of one Swin block on an H x W map."""
+  padded_tokens = _padded(height, window) * _padded(width, window)
+  attention = 2 * padded_tokens * dim * 3 * dim + 2 * 2 * padded_tokens * window**2 * dim + 2 * padded_tokens * dim**2
+  mlp = 2 * 2 * height * width * dim * int(dim * mlp_ratio)
+  return attention + mlp
+
+
+def backbone_flops(arch: Mapping[str, Any], image_size: int) -> dict[str, int]:
+  """Forward matmul FLOPs of the Swin backbone on one square image: {'patch_embed', 'body', 'tokens'}."""
+  patch, dim = arch["patch_size"], arch["embed_dim"]
+  schedule = swin.block_windows(arch["image_size"], patch, arch["depths"], arch["window_size"])
+  side = image_size // patch
+  patch_embed = 2 * side * side * 3 * patch * patch * dim
+  body = 0
+  for stage, windows in enumerate(schedule):
+    body += sum(swin_block_flops(side, side, dim, window, arch.get("mlp_ratio", 4.0)) for window, _ in windows)
+    if stage < len(schedule) - 1:
+      side = _padded(side, 2) // 2
+      body += 2 * side * side * 4 * dim * 2 * dim
+      dim *= 2
+  return {"patch_embed": patch_embed, "body": body, "tokens": side * side, "features": dim}
+
+
+def head_flops(in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int) -> int:
+  """Forward matmul FLOPs of the 3-layer DINO head on one row."""
+  return 2 * (in_dim * hidden_dim + hidden_dim * hidden_dim + hidden_dim * bottleneck_dim + bottleneck_dim * out_dim)
+
+
+def train_step_flops(config) -> dict[str, float]:
+  """Matmul FLOPs of one train step per image, split into parts, and their total ('step')."""
+  model = config.model
+  arch = {**swin.VARIANTS[model.backbone], **{k: model[k] for k in ("window_size", "image_size")},
+          "patch_size": model.get("patch_size", 4), "mlp_ratio": model.get("mlp_ratio", 4.0)}
+  arch.update({k: model[k] for k in ("embed_dim", "depths", "num_heads") if k in model})
+  crops = [(config.global_crop_size, 2), (config.local_crop_size, config.num_local_crops)]
+  crops = [(size, n) for size, n in crops if n]
+  region = config.region_loss_weight > 0
+  head = head_flops(backbone_flops(arch, crops[0][0])["features"], model.hidden_dim, model.bottleneck_dim,
+                    model.out_dim)
+
+  def network(size: int) -> tuple[int, int, int]:
+    """(patch embedding, body + heads, region tokens) forward FLOPs of one crop."""
+    b = backbone_flops(arch, size)
+    return b["patch_embed"], b["body"] + head * (1 + (b["tokens"] if region else 0)), b["tokens"]
+
+  student_embed = sum(n * network(s)[0] for s, n in crops)
+  student_body = sum(n * network(s)[1] for s, n in crops)
+  teacher = 2 * sum(network(crops[0][0])[:2])
+  num_views = sum(n for _, n in crops)
+  teacher_tokens, student_tokens = network(crops[0][0])[2], sum(n * network(s)[2] for s, n in crops)
+  features = backbone_flops(arch, crops[0][0])["features"]
+  cross_entropy = 2 * 2 * num_views * model.out_dim + (2 * 2 * student_tokens * teacher_tokens * model.out_dim
+                                                       if region else 0)
+  similarity = 2 * 2 * student_tokens * teacher_tokens * features if region else 0
+  parts = {
+      "student_forward": student_embed + student_body + cross_entropy + similarity,
+      "student_backward": student_embed + 2 * student_body + cross_entropy,
+      "teacher_forward": teacher,
+  }
+  parts["step"] = sum(parts.values())
+  return parts

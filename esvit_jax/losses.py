@@ -1,0 +1,117 @@
+"""The EsViT objective: view-level DINO loss plus region-matching loss (esvit_spec.md section 3).
+
+Teacher views t are the 2 global crops; student views v are all crops, globals first. Over the pairs
+v != t (18 for 2 + 8 crops), with P = softmax((teacher - c) / tau_t) and log Q = log_softmax(student / tau_s):
+  view(t, v)   = H(P_t, Q_v), averaged over the batch;
+  region(t, v) = mean over student tokens j of H(P_t[j*], Q_v[j]), j* = argmax_i cos(z_v[j], z_t[i]),
+                 where z are backbone tokens and P, Q come from the region head; averaged over the batch;
+  loss = (1 - w) * mean_pairs(view) + w * mean_pairs(region), w = region_loss_weight (0.5; 0 = DINO).
+
+Every cross-entropy is one contraction over the K prototypes between all teacher and all student rows,
+so no gathered [B, T, K] target is ever built, and each student log_softmax is computed once for both
+teacher views. Softmaxes, losses and contractions run in float32 at full matmul precision. Everything on
+the teacher side, and the argmax matching, carries no gradient.
+"""
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+_EINSUM = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def teacher_log_probs(logits: jax.Array, center: jax.Array, temp: jax.Array) -> jax.Array:
+  """Centred and sharpened teacher targets, log softmax((logits - center) / temp), no gradient."""
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32) - center)
+  return jax.nn.log_softmax(logits / temp, axis=-1)
+
+
+def student_log_probs(logits: jax.Array, temp: float) -> jax.Array:
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """F.normalize(x, dim=-1): x / max(||x||, 1e-12)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def view_cross_entropy(teacher_probs: jax.Array, student_logp: jax.Array) -> jax.Array:
+  """H(P_t, Q_v) for every teacher view t and student view v: [B, T, K], [B, V, K] -> [B, T, V]."""
+  return -jnp.einsum("btk,bvk->btv", teacher_probs, student_logp, **_EINSUM)
+
+
+def region_cross_entropy(teacher_probs: jax.Array, teacher_features: jax.Array,
+                         student_logp: jax.Array, student_features: jax.Array) -> jax.Array:
+  """Region-matching CE for every (t, v), averaged over the student tokens.
+
+  Args:
+    teacher_probs: [B, T, I, K] region-head targets of the teacher views.
+    teacher_features: [B, T, I, C] backbone tokens of the teacher views.
+    student_logp: [B, V, J, K] region-head log-probabilities of the student views.
+    student_features: [B, V, J, C] backbone tokens of the student views.
+  Returns:
+    [B, T, V] cross-entropies.
+  """
+  similarity = jnp.einsum("bvjc,btic->btvji", l2_normalize(student_features),
+                          l2_normalize(teacher_features), **_EINSUM)
+  # One-hot of an argmax: the matching passes no gradient to the student features.
+  match = jax.nn.one_hot(jnp.argmax(similarity, axis=-1), similarity.shape[-1])  # [B, T, V, J, I]
+  ce_all = -jnp.einsum("btik,bvjk->btvji", teacher_probs, student_logp, **_EINSUM)
+  return jnp.sum(match * ce_all, axis=-1).mean(axis=-1)
+
+
+def _pair_mean(ce_per_group: Sequence[jax.Array]) -> jax.Array:
+  """Mean over the batch and the (t, v != t) pairs; the first group holds the teacher's views."""
+  ce = jnp.concatenate(ce_per_group, axis=-1).mean(axis=0)  # [T, V_total]
+  num_teacher, num_student = ce.shape
+  pairs = ~jnp.eye(num_teacher, num_student, dtype=bool)
+  return jnp.sum(jnp.where(pairs, ce, 0.0)) / (num_teacher * num_student - num_teacher)
+
+
+def entropy(log_probs: jax.Array) -> jax.Array:
+  """Mean entropy of the distributions on the last axis."""
+  return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+
+
+def esvit_loss(student_outputs: Sequence[Mapping[str, jax.Array]], teacher_output: Mapping[str, jax.Array],
+               center: jax.Array, region_center: jax.Array, *, teacher_temp: jax.Array,
+               student_temp: float, region_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The EsViT (or, with region_loss_weight 0, DINO) loss of one batch.
+
+  Args:
+    student_outputs: one dict per crop group (globals first), as returned by the model: 'view_logits'
+      [B, n, K] and, with the region loss, 'region_logits' [B, n, N, K] and 'region_features' [B, n, N, C].
+    teacher_output: the same dict for the teacher's single group of 2 global crops.
+    center: [1, K] view centre. region_center: [1, K] region centre (unused when the weight is 0).
+    teacher_temp: scalar teacher temperature of the current epoch.
+    student_temp: student temperature (0.1).
+    region_loss_weight: w in (1 - w) * view + w * region.
+  Returns:
+    The scalar loss and {'view_loss', 'region_loss' (only when w > 0), 'teacher_entropy'}.
+  """
+  teacher_logp = teacher_log_probs(teacher_output["view_logits"], center, teacher_temp)
+  teacher_probs = jnp.exp(teacher_logp)
+  view = _pair_mean([view_cross_entropy(teacher_probs, student_log_probs(out["view_logits"], student_temp))
+                     for out in student_outputs])
+  aux = {"view_loss": view, "teacher_entropy": entropy(teacher_logp)}
+  if not region_loss_weight:
+    return view, aux
+  teacher_region_probs = jnp.exp(teacher_log_probs(teacher_output["region_logits"], region_center, teacher_temp))
+  teacher_features = jax.lax.stop_gradient(teacher_output["region_features"])
+  region = _pair_mean([
+      region_cross_entropy(teacher_region_probs, teacher_features,
+                           student_log_probs(out["region_logits"], student_temp), out["region_features"])
+      for out in student_outputs])
+  aux["region_loss"] = region
+  return (1 - region_loss_weight) * view + region_loss_weight * region, aux
+
+
+def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+  """EMA of the global-batch mean of the teacher logits over all rows (batch, views and tokens).
+
+  Inside jit the mean over a batch-sharded array is already the all-reduced global mean.
+  """
+  logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  batch_center = jnp.mean(logits.reshape(-1, logits.shape[-1]), axis=0, keepdims=True)
+  return center * momentum + batch_center * (1 - momentum)

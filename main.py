@@ -1,0 +1,55 @@
+r"""esvit-jax entry point: every host of a pod or cluster runs the same command.
+
+  python main.py --config configs/swin_t.py --workdir DIR                 # pretrain
+  python main.py --config configs/swin_t.py:window=14 --config.batch_size=1024 --workdir DIR
+  python main.py --config configs/knn.py --config.pretrained=PATH --workdir DIR
+  python main.py --config configs/linear_probe.py --config.pretrained=PATH --workdir DIR
+
+Multi-host: pass --distributed (the launch/ scripts do) to join JAX's multi-controller runtime; the
+coordinator is found from the TPU or SLURM environment, or given with --coordinator_address,
+--num_processes and --process_id.
+"""
+import logging as std_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here (local path or gs://).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, when not auto-detected.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, when not auto-detected.")
+flags.DEFINE_integer("process_id", None, "This process's index, when not auto-detected.")
+config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/swin_t.py[:arg].", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(quiet_orbax)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerator memory to JAX.
+  logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+  from esvit_jax import tasks  # pylint: disable=g-import-not-at-top
+  tasks.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,23 @@
+"""The demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests."""
+from configs import demo
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = demo.get_config()
+  config.model.update(dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), image_size=32, out_dim=64,
+                           hidden_dim=32, bottleneck_dim=16))
+  config.global_crop_size = 32
+  config.local_crop_size = 16
+  config.num_local_crops = 2
+  config.batch_size = 16
+  config.total_steps = 6
+  config.warmup_epochs = 0
+  config.log_every_steps = 1
+  config.ckpt_every_steps = 2
+  config.keep_ckpts = 10
+  config.eval_every_steps = 0
+  config.knn_train_examples = 64
+  config.knn_eval_examples = 32
+  config.eval_batch_size = 32
+  return config

@@ -1,0 +1,226 @@
+"""The DINO augmentation ops against their definitions: PIL itself (the official pipeline's library),
+numpy references written from the math, and statistics over many random draws."""
+import math
+
+import numpy as np
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
+import pytest
+import tensorflow as tf
+
+from esvit_jax.data import augment
+
+_RNG = np.random.default_rng(0)
+_IMAGES = _RNG.integers(0, 256, (4, 23, 31, 3), dtype=np.uint8)
+_IMAGES[1] = _IMAGES[1] // 4 + 100  # A low-contrast crop.
+_FACTORS = np.array([0.6, 0.87, 1.13, 1.4], np.float32)
+_HUES = np.array([-0.1, -0.031, 0.047, 0.1], np.float32)
+
+
+def _in_tf_data(fn, *args):
+  """fn(*args) computed inside tf.data.Dataset.map (graph mode, as the pipeline runs it)."""
+  ds = tf.data.Dataset.from_tensors(tuple(tf.constant(a) for a in args)).map(fn)
+  return next(iter(ds)).numpy()
+
+
+def _pil(fn, images=_IMAGES, params=_FACTORS):
+  return np.stack([np.asarray(fn(Image.fromarray(im), float(p))) for im, p in zip(images, params)])
+
+
+def _pil_hue(image, factor):
+  """torchvision F_pil.adjust_hue: shift the 8-bit HSV hue by int(factor * 255), modulo 256."""
+  h, s, v = image.convert("HSV").split()
+  hue = (np.asarray(h).astype(np.int64) + int(factor * 255)) % 256
+  return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+def _enhance(kind):
+  return lambda image, factor: kind(image).enhance(factor)
+
+
+_COLOR_CASES = {
+    "brightness": (augment.adjust_brightness, _enhance(ImageEnhance.Brightness), _FACTORS),
+    "contrast": (augment.adjust_contrast, _enhance(ImageEnhance.Contrast), _FACTORS),
+    "saturation": (augment.adjust_saturation, _enhance(ImageEnhance.Color), _FACTORS),
+    "hue": (augment.adjust_hue, _pil_hue, _HUES),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COLOR_CASES))
+def test_color_ops_equal_pil_eagerly_and_in_tf_data(name):
+  op, reference, params = _COLOR_CASES[name]
+  expected = _pil(reference, params=params)
+  x = _IMAGES.astype(np.float32)
+  np.testing.assert_array_equal(op(tf.constant(x), tf.constant(params)).numpy(), expected)
+  np.testing.assert_array_equal(_in_tf_data(op, x, params), expected)
+
+
+def test_grayscale_and_solarize_equal_pil():
+  x = tf.constant(_IMAGES, tf.float32)
+  gray = augment.grayscale(x).numpy()
+  np.testing.assert_array_equal(gray[..., 0], np.stack([np.asarray(Image.fromarray(i).convert("L"))
+                                                        for i in _IMAGES]))
+  np.testing.assert_array_equal(augment.solarize(x).numpy(),
+                                np.stack([np.asarray(ImageOps.solarize(Image.fromarray(i))) for i in _IMAGES]))
+
+
+def test_solarize_inverts_exactly_the_values_at_or_above_128():
+  values = np.arange(256, dtype=np.float32)
+  expected = np.where(values >= 128, 255 - values, values)
+  np.testing.assert_array_equal(_in_tf_data(augment.solarize, values), expected)
+
+
+def test_normalize_is_imagenet_mean_std():
+  out = augment.normalize(tf.constant(_IMAGES)).numpy()
+  expected = (_IMAGES / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (40, 12)])
+def test_bicubic_resize_matches_pil_within_one_level(size):
+  smooth = np.asarray(Image.fromarray(_IMAGES[0]).resize((62, 46), Image.BILINEAR))
+  ours = augment.resize(tf.constant(smooth, tf.float32), size).numpy()
+  expected = np.asarray(Image.fromarray(smooth).resize(size[::-1], Image.BICUBIC)).astype(np.float32)
+  assert ours.shape == (*size, 3)
+  assert np.abs(ours - expected).max() <= 1
+  assert np.mean(ours != expected) < 0.01
+
+
+def test_crop_boxes_follow_random_resized_crop_statistics():
+  height, width, scale = 375, 500, (0.05, 0.4)
+  boxes = augment.sample_crop_box(tf.constant([3, 4]), height, width, 4000, scale).numpy()
+  top, left, h, w = boxes.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= height).all() and (left + w <= width).all()
+  area = h * w / (height * width)
+  slack = (h + w + 1) / (height * width)  # Rounding h and w moves the area by at most this.
+  assert (area >= scale[0] - slack).all() and (area <= scale[1] + slack).all()
+  ratio = w / h
+  assert (ratio >= 3 / 4 * (1 - 2 / h.min())).all() and (ratio <= 4 / 3 * (1 + 2 / h.min())).all()
+  # Area fraction uniform on the scale range: its mean and quartiles.
+  assert abs(area.mean() - 0.225) < 0.01
+  np.testing.assert_allclose(np.quantile(area, [0.25, 0.75]), [0.1375, 0.3125], atol=0.015)
+  # Log aspect ratio uniform on (log 3/4, log 4/3): mean 0, symmetric.
+  assert abs(np.log(ratio).mean()) < 0.01
+  # Positions uniform: the crop centre's mean is the image centre.
+  assert abs((top + h / 2).mean() - height / 2) < 5 and abs((left + w / 2).mean() - width / 2) < 5
+
+
+def test_crop_box_falls_back_to_a_centred_crop_of_clamped_ratio():
+  # A 10 x 400 strip: no try can fit an area >= 0.9 with ratio <= 4/3, so torchvision's fallback runs:
+  # h = height, w = round(h * 4/3), centred.
+  boxes = augment.sample_crop_box(tf.constant([0, 1]), 10, 400, 50, (0.9, 1.0)).numpy()
+  np.testing.assert_array_equal(boxes, np.tile([0, (400 - 13) // 2, 10, 13], (50, 1)))
+  boxes = augment.sample_crop_box(tf.constant([0, 1]), 400, 10, 5, (0.9, 1.0)).numpy()
+  np.testing.assert_array_equal(boxes, np.tile([(400 - 13) // 2, 0, 13, 10], (5, 1)))
+
+
+def test_jitter_parameters_are_in_range_and_orders_are_permutations():
+  params = augment.sample_jitter(tf.constant([5, 6]), 4000)
+  factors, order = params["factors"].numpy(), params["order"].numpy()
+  for k, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+    assert factors[:, k].min() >= lo and factors[:, k].max() <= hi
+    assert factors[:, k].min() < lo + 0.01 and factors[:, k].max() > hi - 0.01
+    assert abs(factors[:, k].mean() - (lo + hi) / 2) < 0.01 * (hi - lo) * 2
+  applied = (order != 4).all(axis=1)
+  assert ((order == 4).all(axis=1) | applied).all()
+  assert abs(applied.mean() - 0.8) < 0.03
+  np.testing.assert_array_equal(np.sort(order[applied], axis=1),
+                                np.tile(np.arange(4), (applied.sum(), 1)))
+  first_op = np.bincount(order[applied, 0], minlength=4) / applied.sum()
+  np.testing.assert_allclose(first_op, 0.25, atol=0.03)
+
+
+def _numpy_gaussian_blur(image, sigma):
+  """Reference: separable Gaussian, taps at -6..6, edges replicated, rounded."""
+  taps = np.arange(-6, 7)
+  kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+  kernel /= kernel.sum()
+  out = image.astype(np.float64)
+  for axis in (0, 1):
+    padded = np.pad(out, [(6, 6) if a == axis else (0, 0) for a in range(3)], mode="edge")
+    out = sum(k * np.take(padded, np.arange(t, t + out.shape[axis]), axis=axis)
+              for t, k in enumerate(kernel))
+  return np.floor(np.clip(out, 0, 255) + 0.5)
+
+
+def test_gaussian_blur_matches_numpy_keeps_constants_and_lowers_noise_variance():
+  sigmas = np.array([0.1, 0.7, 1.3, 2.0], np.float32)
+  noise = _RNG.normal(128, 30, (4, 24, 24, 3)).clip(0, 255).round().astype(np.float32)
+  blurred = _in_tf_data(augment.gaussian_blur, noise, sigmas)
+  for i, sigma in enumerate(sigmas):
+    assert np.abs(blurred[i] - _numpy_gaussian_blur(noise[i], sigma)).max() <= 1
+  variances = blurred.reshape(4, -1).var(axis=1)
+  assert abs(variances[0] - noise[0].var()) < 0.01 * noise[0].var()  # sigma 0.1 is nearly the identity.
+  assert (np.diff(variances) < 0).all() and variances[-1] < 0.1 * noise[-1].var()
+  constant = np.full((4, 9, 9, 3), 77.0, np.float32)
+  np.testing.assert_array_equal(augment.gaussian_blur(tf.constant(constant), tf.constant(sigmas)), constant)
+
+
+def _photometric(seed, num, size=20, **probs):
+  x = tf.constant(_RNG.integers(0, 256, (num, size, size, 3)).astype(np.float32))
+  defaults = dict(blur_prob=[0.5] * num, solarize_prob=[0.0] * num)
+  params = augment.sample_photometric(tf.constant(seed), **{**defaults, **probs})
+  return x, params, augment.apply_photometric(x, params).numpy()
+
+
+def test_photometric_chain_equals_the_ops_composed_one_by_one():
+  x, params, out = _photometric([1, 2], 6, solarize_prob=[0.5] * 6)
+  p = {k: v.numpy() for k, v in params.items()}
+  for i in range(6):
+    y = x[i:i + 1]
+    if p["flip"][i]:
+      y = y[:, :, ::-1]
+    for op in p["order"][i]:
+      if op < 4:
+        y = augment._COLOR_OPS[op](y, tf.constant(p["factors"][i:i + 1, op]))  # pylint: disable=protected-access
+    if p["gray"][i]:
+      y = tf.broadcast_to(augment.grayscale(y), y.shape)
+    if p["blur"][i]:
+      y = augment.gaussian_blur(y, tf.constant(p["sigma"][i:i + 1]))
+    if p["solarize"][i]:
+      y = augment.solarize(y)
+    # XLA fuses multiply-adds, which can move a value by one level at a rounding boundary.
+    assert np.abs(np.asarray(y)[0] - out[i]).max() <= 1
+    assert np.mean(np.asarray(y)[0] != out[i]) < 0.01
+
+
+def test_grayscale_probability_one_gives_equal_channels_and_zero_keeps_colour():
+  _, _, gray = _photometric([3, 4], 4, blur_prob=[0.0] * 4, gray_prob=1.0)
+  assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+  _, _, colour = _photometric([3, 4], 4, blur_prob=[0.0] * 4, gray_prob=0.0)
+  assert (colour[..., 0] != colour[..., 1]).mean() > 0.5
+
+
+def test_photometric_probabilities_over_many_crops():
+  params = augment.sample_photometric(tf.constant([8, 9]), [1.0, 0.1] * 1000, [0.0, 0.2] * 1000)
+  p = {k: v.numpy() for k, v in params.items()}
+  assert abs(p["flip"].mean() - 0.5) < 0.04 and abs(p["gray"].mean() - 0.2) < 0.03
+  assert p["blur"][::2].all() and abs(p["blur"][1::2].mean() - 0.1) < 0.03
+  assert not p["solarize"][::2].any() and abs(p["solarize"][1::2].mean() - 0.2) < 0.03
+  assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean() - 1.05) < 0.04
+
+
+def test_dino_views_are_seeded_and_in_range():
+  image = tf.constant(_RNG.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+
+  def views(seed):
+    return augment.dino_views(image, tf.constant(seed), 16, (0.4, 1.0), (1.0, 0.1), (0.0, 0.2))
+  a, b, c = views([1, 1]), views([1, 1]), views([1, 2])
+  assert a.shape == (2, 16, 16, 3) and a.dtype == tf.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  in_graph = _in_tf_data(lambda s: augment.dino_views(image, s, 16, (0.4, 1.0), (1.0, 0.1), (0.0, 0.2)),
+                         np.array([1, 1], np.int32))
+  np.testing.assert_array_equal(in_graph, a)
+
+
+def test_center_crop_eval_follows_torchvision_resize_then_center_crop():
+  image = _RNG.integers(0, 256, (30, 45, 3), dtype=np.uint8)
+  out = augment.center_crop_eval(tf.constant(image), 20, 16).numpy()
+  # Resize(20): shorter side 30 -> 20, longer int(20 * 45 / 30) = 30; CenterCrop(16) at round(2), round(7).
+  resized = np.asarray(Image.fromarray(image).resize((30, 20), Image.BICUBIC)).astype(int)
+  assert out.shape == (16, 16, 3)
+  assert np.abs(out.astype(int) - resized[2:18, 7:23]).max() <= 1
+  assert math.isclose(np.mean(out.astype(int) != resized[2:18, 7:23]), 0.0, abs_tol=0.02)

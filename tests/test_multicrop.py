@@ -1,0 +1,167 @@
+"""The train loop's pipelines: multi-crop batches, exact resume, bad files, evaluation over hosts."""
+import io
+import itertools
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import common
+from esvit_jax.data import demo_data
+from esvit_jax.data import multicrop
+from esvit_jax.data import sources
+
+
+def _config(**overrides):
+  config = common.pretrain_config("swin_tiny", 0.1)
+  config.update(dict(dataset="demo", batch_size=8, global_crop_size=24, local_crop_size=12,
+                     num_local_crops=3, eval_resize=36, eval_crop_size=32, train_split="train",
+                     shuffle_buffer=16))
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(name="folder", scope="module")
+def _folder(tmp_path_factory):
+  """train: 21 JPEGs + 3 bad files (24 files, 3 steps of 8 per epoch); val: 7 PNGs + 1 bad file."""
+  root = tmp_path_factory.mktemp("images")
+  images, labels = demo_data.generate(28, 40, seed=1)
+  for i, (image, label) in enumerate(zip(images, labels)):
+    split, fmt = ("train", "JPEG") if i < 21 else ("val", "PNG")
+    path = root / split / f"c{label % 2}" / f"{i}.{fmt.lower()}"
+    os.makedirs(path.parent, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt)
+    path.write_bytes(buffer.getvalue())
+  for split, name, data in [("train", "c0/cut.jpg", buffer.getvalue()[:30]), ("train", "c1/empty.jpg", b""),
+                            ("train", "c1/words.png", b"hello"), ("val", "c0/zero.png", b"")]:
+    (root / split / name).write_bytes(data)
+  return root
+
+
+def _take(ds, n):
+  return [{k: v.numpy() for k, v in batch.items()} for batch in itertools.islice(ds, n)]
+
+
+def test_pretrain_batches_have_fixed_shapes_dtypes_and_ranges():
+  config = _config()
+  [batch] = _take(multicrop.pretrain_dataset(config, process_index=0, process_count=2), 1)
+  assert set(batch) == {"globals", "locals", "skipped_files"}
+  assert batch["globals"].shape == (4, 2, 24, 24, 3) and batch["globals"].dtype == np.uint8
+  assert batch["locals"].shape == (4, 3, 12, 12, 3) and batch["locals"].dtype == np.uint8
+  assert batch["skipped_files"].shape == () and batch["skipped_files"] == 0
+  for views in (batch["globals"], batch["locals"]):
+    assert views.min() < 60 and views.max() > 195  # Full 8-bit range, not normalised floats.
+    flat = views.reshape(-1, *views.shape[2:])
+    assert len({v.tobytes() for v in flat}) == len(flat)  # Every crop differs.
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  first = _take(multicrop.pretrain_dataset(_config(seed=3), process_index=0, process_count=1), 2)
+  again = _take(multicrop.pretrain_dataset(_config(seed=3), process_index=0, process_count=1), 2)
+  other = _take(multicrop.pretrain_dataset(_config(seed=4), process_index=0, process_count=1), 2)
+  for a, b, c in zip(first, again, other):
+    np.testing.assert_array_equal(a["globals"], b["globals"])
+    np.testing.assert_array_equal(a["locals"], b["locals"])
+    assert not np.array_equal(a["globals"], c["globals"])
+
+
+def test_two_hosts_read_halves_of_the_same_global_batches_as_one_host():
+  config = _config()
+  one = list(itertools.islice(multicrop.pretrain_dataset(config, process_index=0, process_count=1)
+                              .as_numpy_iterator(), 3))
+  halves = [list(itertools.islice(multicrop.pretrain_dataset(config, process_index=i, process_count=2)
+                                  .as_numpy_iterator(), 3)) for i in range(2)]
+  for step in range(3):
+    for key in ("globals", "locals"):
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), one[step][key])
+
+
+def test_restored_stream_continues_with_exactly_the_next_batch_across_epochs(folder):
+  config = _config(dataset=f"folder:{folder}")
+  source = sources.get_source(config.dataset)
+  assert multicrop.steps_per_epoch(config, source.num_examples("train")) == 3
+  stream = _take(multicrop.pretrain_dataset(config, process_index=0, process_count=1, source=source), 8)
+  for start in (2, 4):  # Inside epoch 0 and inside epoch 1.
+    resumed = _take(multicrop.pretrain_dataset(config, start_step=start, process_index=0,
+                                               process_count=1, source=source), 3)
+    for expected, got in zip(stream[start:], resumed):
+      for key in expected:
+        np.testing.assert_array_equal(expected[key], got[key])
+  # Each epoch reads all 24 files once: the 3 bad ones are counted, and replaced by good rows.
+  assert [sum(b["skipped_files"] for b in stream[e * 3:e * 3 + 3]) for e in (0, 1)] == [3, 3]
+  assert not np.array_equal(stream[0]["globals"], stream[3]["globals"])  # Epochs are reshuffled.
+
+
+def test_bad_rows_are_replaced_by_good_examples_of_the_batch(folder):
+  config = _config(dataset=f"folder:{folder}", batch_size=24)
+  [batch] = _take(multicrop.pretrain_dataset(config, process_index=0, process_count=1), 1)
+  assert batch["skipped_files"] == 3
+  placeholder = np.full((24, 24, 3), 128, np.uint8)
+  assert not any(np.array_equal(g, placeholder) for g in batch["globals"][:, 0])
+  # 21 distinct good examples; the 3 other rows repeat some of them.
+  assert len({g.tobytes() for g in batch["globals"]}) == 21
+
+
+def test_eval_over_two_hosts_sees_every_example_once_with_equal_batch_counts(folder):
+  config = _config(dataset=f"folder:{folder}")
+  source = sources.get_source(config.dataset)
+  paths, labels = source.files("val")
+  seen = []
+  for index in range(2):
+    ds, num_batches = multicrop.eval_dataset(config, "validation", batch_size=4, process_index=index,
+                                             process_count=2, source=source)
+    batches = _take(ds, 10)
+    assert num_batches == 2 and len(batches) == 2
+    for b in batches:
+      assert b["image"].shape == (2, 32, 32, 3) and b["image"].dtype == np.uint8
+      assert b["label"].dtype == np.int32 and b["mask"].dtype == bool
+      seen += [(int(y), x.tobytes()) for y, x, m in zip(b["label"], b["image"], b["mask"]) if m]
+    start, stop = sources.HostShard(index, 2).bounds(len(paths))
+    bad_here = sum(str(path).endswith("zero.png") for path in paths[start:stop])
+    assert sum(b["skipped_files"] for b in batches) == bad_here
+  assert len(seen) == 7 and len({image for _, image in seen}) == 7
+  assert sorted(label for label, _ in seen) == sorted(label for path, label in zip(paths, labels)
+                                                       if not str(path).endswith("zero.png"))
+
+
+def test_eval_images_are_the_resized_centre_crops():
+  config = _config(eval_resize=64, eval_crop_size=48)
+  ds, num_batches = multicrop.eval_dataset(config, "test", batch_size=1000, process_index=1,
+                                          process_count=2)
+  assert num_batches == 1
+  [batch] = _take(ds, 1)
+  images, labels = sources.DemoSource.arrays("test")
+  # Host 1 of 2 holds examples 500..999; 64 px demo images are not resized, only centre-cropped.
+  np.testing.assert_array_equal(batch["image"], images[500:1000, 8:56, 8:56])
+  np.testing.assert_array_equal(batch["label"], labels[500:1000])
+  assert batch["mask"].all()
+
+
+def test_classification_training_batches():
+  config = _config()
+  ds = multicrop.train_classification_dataset(config, "train", batch_size=16, crop_size=20, start_step=5,
+                                              process_index=0, process_count=1)
+  [batch] = _take(ds, 1)
+  assert batch["image"].shape == (16, 20, 20, 3) and batch["image"].dtype == np.uint8
+  assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
+
+
+def test_batch_size_must_split_over_hosts():
+  with pytest.raises(ValueError, match="does not split over 3 processes"):
+    multicrop.pretrain_dataset(_config(), process_index=0, process_count=3)
+
+
+def test_eval_max_examples_takes_the_first_examples_of_the_split():
+  config = _config(eval_resize=64, eval_crop_size=64)
+  images, labels = sources.DemoSource.arrays("test")
+  got = []
+  for index in range(2):
+    ds, num_batches = multicrop.eval_dataset(config, "test", batch_size=8, process_index=index,
+                                             process_count=2, max_examples=30)
+    assert num_batches == 4  # 15 examples per host in batches of 4.
+    got += [(x, y) for b in _take(ds, 4) for x, y, m in zip(b["image"], b["label"], b["mask"]) if m]
+  assert len(got) == 30
+  np.testing.assert_array_equal(np.stack([x for x, _ in got]), images[:30])
+  np.testing.assert_array_equal([y for _, y in got], labels[:30])

@@ -1,0 +1,157 @@
+"""The pretraining loop end to end: main.py, metrics, checkpoints, exact resume, preemption, failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esvit_jax import checkpointing
+from esvit_jax import export
+from esvit_jax import train
+from esvit_jax import train_step
+from esvit_jax import writers
+from tests.configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Crash(Exception):
+  """Stands for a process killed in the middle of a step."""
+
+
+def wrap_step(monkeypatch, on_call):
+  """Makes train_and_evaluate's step call on_call(call_number, state, metrics) after every step."""
+  real = train_step.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn, calls = real(*args, **kwargs), [0]
+
+    def wrapped(state, batch):
+      calls[0] += 1
+      state, metrics = step_fn(state, batch)
+      return state, on_call(calls[0], state, metrics) or metrics
+    return wrapped
+  monkeypatch.setattr(train_step, "make_train_step", make)
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if "loss" in r}
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return workdir, jax.device_get(train.train_and_evaluate(tiny.get_config(), str(workdir)))
+
+
+def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "main.py", "--config", "tests/configs/tiny.py", "--config.total_steps=3",
+         "--config.eval_every_steps=3", f"--workdir={workdir}"]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = writers.read_metrics(workdir)
+  assert {1, 2, 3} <= set(losses(workdir))
+  for name in ("view_loss", "region_loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
+               "grad_norm", "images_per_sec"):
+    assert any(name in r for r in records), name
+  assert any("knn_top1_k20" in r for r in records)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert checkpointing.Checkpointer(workdir).all_steps() == [2, 3]
+  model, params = export.load_pretrained(workdir / "export")
+  pooled, regions = model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
+  assert pooled.shape == (1, 32) and regions.shape == (1, 4, 32)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+  reference_dir, reference = uninterrupted
+  workdir = str(tmp_path)
+
+  def crash_at_5(call, state, metrics):
+    if call == 5:
+      raise Crash()
+  wrap_step(monkeypatch, crash_at_5)
+  with pytest.raises(Crash):
+    train.train_and_evaluate(tiny.get_config(), workdir)
+  assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+  monkeypatch.undo()
+  resumed = jax.device_get(train.train_and_evaluate(tiny.get_config(), workdir))  # Restarts from step 4.
+  expected = losses(reference_dir)
+  got = losses(workdir)  # Steps 1-4 of the first attempt, 5-6 of the resumed one.
+  assert sorted(got) == sorted(expected) == list(range(1, 7))
+  for step in range(1, 7):
+    assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+  assert_trees_equal(resumed.teacher_params, reference.teacher_params)
+  assert_trees_equal(resumed.opt_state, reference.opt_state)
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(uninterrupted, tmp_path, monkeypatch):
+  reference_dir, reference = uninterrupted
+  workdir = str(tmp_path)
+
+  def preempt_at_3(call, state, metrics):
+    if call == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+  wrap_step(monkeypatch, preempt_at_3)
+  state = train.train_and_evaluate(tiny.get_config(), workdir)
+  assert int(state.step) == 3  # Stopped right after the notice ...
+  assert checkpointing.Checkpointer(workdir).all_steps() == [2, 3]  # ... with a checkpoint of that step.
+  monkeypatch.undo()
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  resumed = jax.device_get(train.train_and_evaluate(tiny.get_config(), workdir))
+  assert_trees_equal(resumed.params, reference.params)
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+
+  def nan_from_3(call, state, metrics):
+    if call >= 3:
+      return {**metrics, "loss": jnp.float32(jnp.nan)}
+  wrap_step(monkeypatch, nan_from_3)
+  with pytest.raises(train.NonFiniteLossError, match="at step 3.*last good checkpoint \\(step 2\\) is kept"):
+    train.train_and_evaluate(tiny.get_config(), workdir)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  assert checkpointer.all_steps() == [2]
+  state, meta = checkpointer.restore(2, train_step.abstract_train_state(
+      tiny.get_config(), train.sharding.make_mesh(), steps_per_epoch=250))
+  assert meta["input_position"] == 2 and int(state.step) == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 12}, "divisible by the 8 devices"),
+    ({"global_crop_size": 30}, "multiple of the patch size 4"),
+    ({"local_crop_size": 2}, "multiple of the patch size 4"),
+    ({"model.backbone": "swin_huge"}, "swin_tiny"),
+    ({"dataset": "no_such_dataset_xyz"}, "no_such_dataset_xyz"),
+    ({"dataset": "folder:/no/such/dir"}, "/no/such/dir"),
+    ({"train_split": "unlabelled"}, "Split 'unlabelled' does not exist"),
+    ({"sharding": "tensor"}, "'data', 'fsdp'"),
+])
+def test_invalid_configs_fail_at_start_with_what_to_change(overrides, message, tmp_path):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_config_file_arguments_and_overrides_reach_the_run():
+  from configs import swin_b  # pylint: disable=g-import-not-at-top
+  config = swin_b.get_config("window=14")
+  assert config.model.window_size == 14 and config.batch_size == 512 and config.epochs == 300
+  assert config.model.drop_path_rate == 0.2 and config.dataset == "imagenet2012"
+  with pytest.raises(ValueError, match="Unknown config argument"):
+    swin_b.get_config("windw=14")
+  assert json.loads(config.to_json_best_effort())["lr"] == 5e-4
