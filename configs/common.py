@@ -32,6 +32,7 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.num_local_crops = 8
   config.global_crop_scale = (0.4, 1.0)
   config.local_crop_scale = (0.05, 0.4)
+  config.color_jitter = (0.4, 0.4, 0.2, 0.1)  # Brightness, contrast, saturation, hue (DINO's ColorJitter).
   config.eval_resize = 256
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000

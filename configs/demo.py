@@ -1,24 +1,38 @@
 r"""A small Swin pretrained with the full EsViT recipe on the embedded demo dataset, on a CPU.
 
-  python main.py --config configs/demo.py --workdir demo_workdir      (make demo runs this and evaluates it)
+  python main.py --config configs/demo.py --workdir demo_workdir/pretrain
+  python main.py --config configs/demo.py:task=knn --config.pretrained=demo_workdir/pretrain --workdir demo_workdir/knn
+  python main.py --config configs/demo.py:task=linear_probe --config.pretrained=demo_workdir/pretrain \
+      --workdir demo_workdir/linear_probe
+  (`make demo` runs all three through `python -m esvit_jax.demo` and prints what the network learned.)
 
 Same code path as ImageNet pretraining, scaled down: 64 px images of 10 shape/texture classes, 32 px
 global and 16 px local crops, a 3-stage Swin (window 4), heads of 1024 prototypes. Sized to finish
 on a 2-core CPU in a few minutes; k-NN on the demo test split is logged before and after training.
 """
 from configs import common
+from configs import knn
+from configs import linear_probe
+
+DEMO_DATA = dict(dataset="demo", eval_split="test", eval_resize=36, eval_crop_size=32)
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, epochs=12)
+  args = common.parse_arg(arg, task="pretrain", epochs=12)
+  if args.task == "knn":
+    config = knn.get_config()
+    config.update(**DEMO_DATA, eval_batch_size=200)
+    return config
+  if args.task == "linear_probe":
+    config = linear_probe.get_config()
+    config.update(**DEMO_DATA, crop_size=32, batch_size=256, eval_batch_size=200, epochs=6, lr=0.2,
+                  log_every_steps=15, shuffle_buffer=1000)
+    return config
   config = common.pretrain_config("swin_tiny", drop_path_rate=0.1, window_size=4)
-  config.dataset = "demo"
-  config.eval_split = "test"
+  config.update(**DEMO_DATA)
   config.global_crop_size = 32
   config.local_crop_size = 16
   config.num_local_crops = 6
-  config.eval_resize = 36
-  config.eval_crop_size = 32
   config.shuffle_buffer = 1000
 
   config.model.update(dict(embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), image_size=32,

@@ -1,6 +1,7 @@
 """Official EsViT PyTorch checkpoints <-> esvit-jax parameters (esvit_spec.md section 7).
 
     python -m esvit_jax.convert from-torch checkpoint.pth OUT [--key teacher|student]
+    python -m esvit_jax.convert from-torch checkpoint.pth WORKDIR --full [--steps-per-epoch N]
     python -m esvit_jax.convert to-torch EXPORT OUT.pth
 
 Conversion is driven by our own parameter tree: the architecture is read from the tensor shapes, the
@@ -28,7 +29,12 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from configs import common
+from esvit_jax import checkpointing
 from esvit_jax import export
+from esvit_jax import optim
+from esvit_jax import sharding
+from esvit_jax import train_step
 from esvit_jax.models.heads import DINOHead
 from esvit_jax.models.swin import VARIANTS, relative_position_index
 
@@ -424,15 +430,72 @@ def summary(network: TorchNetwork, checkpoint: TorchCheckpoint) -> str:
 def from_torch(checkpoint_path: str, out_dir: str, *, key: str = "teacher", image_size: int = 224,
                trust_pickle: bool = False) -> str:
   """Writes the backbone of a .pth file as an export directory (esvit_jax.export); returns a summary."""
-  out = epath.Path(out_dir)
-  if out.exists() and any(out.iterdir()):
-    raise ConversionError([f"{out} exists and is not empty; choose a new directory."])
+  out = _empty_dir(out_dir)
   checkpoint = select_network(load_torch_file(checkpoint_path, trust_pickle=trust_pickle), key)
   network = convert_state_dict(checkpoint.state_dict, image_size=image_size, with_heads=False)
   backbone = export.backbone_from_architecture(network.architecture)
   source = f"{checkpoint_path}:{checkpoint.key}" if checkpoint.key else str(checkpoint_path)
   export.save_backbone(out, backbone, jax.device_put(network.params["backbone"]), source=source)
   return f"{summary(network, checkpoint)}\nWrote {out}"
+
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167  # The published runs' dataset: steps per epoch = this // batch size.
+
+
+def _empty_dir(out_dir: str) -> epath.Path:
+  out = epath.Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise ConversionError([f"{out} exists and is not empty; choose a new directory."])
+  return out
+
+
+def write_pretraining_checkpoint(checkpoint_path: str, out_dir: str, *, steps_per_epoch: int | None = None,
+                                 image_size: int = 224, trust_pickle: bool = False) -> str:
+  """An official checkpoint.pth -> a pretraining workdir that `main.py` continues; returns a summary.
+
+  The workdir holds config.json (the published recipe of the variant, with the checkpoint's head sizes)
+  and one checkpoint at step epoch * steps_per_epoch with both networks, both heads and both centres. The
+  optimizer starts afresh at that step, as in the official continued runs; a checkpoint without a region
+  head continues with a new one (as the official V -> V+R runs did).
+  """
+  out = _empty_dir(out_dir)
+  converted = read_pretraining_checkpoint(checkpoint_path, image_size=image_size, trust_pickle=trust_pickle)
+  name, arch = converted.teacher.name, converted.teacher.architecture
+  if name is None:
+    raise ConversionError([f"--full continues the published Swin variants only; found {arch}."])
+  config = common.pretrain_config(name, VARIANTS[name]["drop_path_rate"], arch["window_size"])
+  head = converted.teacher.heads["head"]
+  config.model.update(out_dim=head["out_dim"], hidden_dim=head["hidden_dim"], bottleneck_dim=head["bottleneck_dim"])
+  steps_per_epoch = steps_per_epoch or IMAGENET_TRAIN_EXAMPLES // config.batch_size
+  step = (converted.epoch or 0) * steps_per_epoch
+
+  mesh = sharding.make_mesh(jax.local_devices()[:1])  # main.py restores it onto any mesh.
+  state = train_step.create_train_state(config, mesh, jax.random.PRNGKey(config.seed), steps_per_epoch=steps_per_epoch)
+  place = lambda fresh, value: jax.device_put(value, fresh.sharding)  # noqa: E731
+  fresh_region = "region_head" not in converted.teacher.params
+  centre = lambda key: place(state.center, converted.centres[key]) if key in converted.centres else state.center  # noqa: E731
+  state = state.replace(
+      step=place(state.step, np.int32(step)),
+      params={**state.params, **jax.tree.map(place, {k: state.params[k] for k in converted.student.params},
+                                              converted.student.params)},
+      teacher_params={**state.teacher_params, **jax.tree.map(place, {k: state.teacher_params[k] for k in converted.teacher.params},
+                                                              converted.teacher.params)},
+      opt_state=optim.restarted_at(state.opt_state, step, config, steps_per_epoch=steps_per_epoch),
+      center=centre("center"), region_center=centre("center_grid"))
+  checkpointer = checkpointing.Checkpointer(out)
+  checkpointer.save(step, state, {"input_position": step, "config": config.to_json_best_effort(),
+                                  "converted_from": str(checkpoint_path)}, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  notes = [f"Wrote {out}: step {step} = epoch {converted.epoch or 0} x {steps_per_epoch} steps per epoch "
+           f"(batch {config.batch_size}); the optimizer restarts there, its schedules at the global step."]
+  if fresh_region:
+    notes.append("The checkpoint has no region head: training continues with a new head_dense and centre.")
+  notes.append(f"Continue with: python main.py --config configs/swin_{name[5]}.py:window={arch['window_size']} "
+               f"--workdir {out}")
+  teacher_checkpoint = TorchCheckpoint({}, "teacher", converted.centres, converted.epoch)
+  return "\n".join([summary(converted.teacher, teacher_checkpoint), *notes])
 
 
 def to_torch(export_dir: str, out_path: str) -> str:
@@ -458,12 +521,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="construction resolution of the model (224 for every official config)")
   read.add_argument("--trust-pickle", action="store_true",
                     help="allow arbitrary pickled objects (torch.load weights_only=False): trusted files only")
+  read.add_argument("--full", action="store_true",
+                    help="write a pretraining workdir (student, teacher, both heads, centres, epoch) that "
+                         "main.py continues, instead of an export of one backbone")
+  read.add_argument("--steps-per-epoch", type=int, default=None,
+                    help=f"with --full: optimizer steps per epoch of the run (default: ImageNet-1K, "
+                         f"{IMAGENET_TRAIN_EXAMPLES} // batch size)")
   write = commands.add_parser("to-torch", help="export directory -> official state dict .pth")
   write.add_argument("export", help="an export directory (model.json + params/)")
   write.add_argument("out", help="the .pth file to write")
   args = parser.parse_args(argv)
   try:
-    if args.command == "from-torch":
+    if args.command == "from-torch" and args.full:
+      print(write_pretraining_checkpoint(args.checkpoint, args.out, steps_per_epoch=args.steps_per_epoch,
+                                         image_size=args.image_size, trust_pickle=args.trust_pickle))
+    elif args.command == "from-torch":
       print(from_torch(args.checkpoint, args.out, key=args.key, image_size=args.image_size,
                        trust_pickle=args.trust_pickle))
     else:

@@ -74,3 +74,22 @@ def make_optimizer(config: ml_collections.ConfigDict, *, steps_per_epoch: int) -
   if not config.clip_grad:
     return adamw
   return optax.chain(clip_by_tensor_norm(config.clip_grad), adamw)
+
+
+def restarted_at(opt_state: Any, step: int, config: ml_collections.ConfigDict, *, steps_per_epoch: int) -> Any:
+  """A fresh optimizer state placed at global `step`: what torch does when a run continues from a
+  checkpoint without optimizer state (the official continued runs): zero moments and Adam bias correction
+  from its first step, but lr and weight-decay schedules at the global step."""
+  frozen_steps = config.freeze_last_layer_epochs * steps_per_epoch
+
+  def schedule_count(path, leaf):
+    if leaf.ndim or not jnp.issubdtype(leaf.dtype, jnp.integer):
+      return leaf
+    name = jax.tree_util.keystr(path)
+    in_frozen_branch = FROZEN_EARLY in name and not name.endswith(".step")  # .step: the freeze counter.
+    return jnp.full_like(leaf, max(step - frozen_steps, 0) if in_frozen_branch else step)
+
+  placed = jax.tree_util.tree_map_with_path(schedule_count, opt_state)
+  is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+  return jax.tree.map(lambda s: s._replace(count=jnp.zeros_like(s.count)) if is_adam(s) else s, placed,
+                      is_leaf=is_adam)

@@ -2,18 +2,20 @@
 official key names) against the converted JAX model, exact round trips, and the error reports."""
 import argparse
 import fractions
+import json
 import math
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esvit_jax import convert, export
+from esvit_jax import checkpointing, convert, export, sharding, train_step
 from esvit_jax.models import DINOHead, build_backbone, build_esvit
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,3 +429,31 @@ def test_missing_torch_asks_for_the_extra(monkeypatch, tmp_path):
   with pytest.raises(SystemExit) as failure:
     convert.main(["from-torch", str(tmp_path / "ckpt.pth"), str(tmp_path / "out")])
   assert "pip install torch==2.13.0" in str(failure.value.code) and "make install-torch" in str(failure.value.code)
+
+
+def test_full_conversion_writes_a_pretraining_workdir_that_resumes(tmp_path, capsys):
+  """--full: a Swin-T V-only checkpoint (no head_dense) becomes a workdir main.py continues at epoch 3."""
+  teacher = randomize_(TorchSwin(**OFFICIAL["swin_tiny"], window=7), seed=3).state_dict()
+  teacher.update({f"head.{k}": v for k, v in randomize_(TorchDINOHead(768, 64, 32, 16), seed=4).state_dict().items()})
+  checkpoint = {"student": {"module." + k: v + 1 if v.is_floating_point() else v for k, v in teacher.items()},
+                "teacher": teacher, "epoch": 3, "dino_loss": {"center": torch.randn(1, 64)}}
+  path, workdir = save(tmp_path, checkpoint), tmp_path / "workdir"
+  summary = convert_cli(["from-torch", path, str(workdir), "--full", "--steps-per-epoch", "10"], capsys)
+  assert "step 30 = epoch 3 x 10 steps per epoch" in summary and "new head_dense" in summary
+
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  assert config.model.backbone == "swin_tiny" and config.model.out_dim == 64 and config.region_loss_weight == 0.5
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  state, meta = checkpointing.Checkpointer(workdir).restore_latest(
+      train_step.abstract_train_state(config, mesh, steps_per_epoch=10))
+  assert int(state.step) == 30 and meta["input_position"] == 30
+  converted = convert.read_pretraining_checkpoint(path)
+  for ours, theirs in ((state.teacher_params, converted.teacher.params), (state.params, converted.student.params)):
+    jax.tree.map(np.testing.assert_array_equal, {k: ours[k] for k in theirs}, theirs)
+  assert "region_head" in state.params  # Fresh, as in the official V -> V+R continued runs.
+  np.testing.assert_array_equal(state.center, checkpoint["dino_loss"]["center"].numpy())
+  np.testing.assert_array_equal(state.region_center, 0)
+  counts = {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+            if v.ndim == 0}
+  assert sorted(set(counts.values())) == [0, 20, 30]  # Adam restarts; schedules at step 30 (last layer: 30 - 10).
+

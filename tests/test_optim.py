@@ -42,8 +42,8 @@ def flat_with_names(tree):
   return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def torch_reference(params, grads_per_step, config):
-  """main_esvit.train_one_epoch's optimizer part, in torch."""
+def torch_reference(params, grads_per_step, config, start=0):
+  """main_esvit.train_one_epoch's optimizer part, in torch, from iteration `start` with a new AdamW."""
   named = {name: torch.tensor(np.array(p), requires_grad=True) for name, p in flat_with_names(params).items()}
   # utils.get_params_groups: no decay on biases and 1-D tensors.
   no_decay = [p for n, p in named.items() if n.endswith("['bias']") or p.ndim == 1]
@@ -53,7 +53,7 @@ def torch_reference(params, grads_per_step, config):
                                  warmup_epochs=config.warmup_epochs)
   wd = official_cosine_scheduler(config.weight_decay, config.weight_decay_end, EPOCHS, STEPS_PER_EPOCH)
   history = []
-  for it, grads in enumerate(grads_per_step):
+  for it, grads in enumerate(grads_per_step, start=start):
     for i, group in enumerate(optimizer.param_groups):
       group["lr"] = lr[it]
       if i == 0:
@@ -130,3 +130,21 @@ def test_decay_mask_and_freeze_labels():
   labels = flat_with_names(optim.freeze_labels(params))
   assert {name for name, label in labels.items() if label == "last_layer"} == {
       name for name in labels if "['last_layer']" in name}
+
+
+def test_restarted_optimizer_matches_torch_continuing_with_a_fresh_adamw():
+  """A converted official checkpoint continues at step 6 (epoch 1) with a new optimizer, as torch would."""
+  config, start = small_config(), 6
+  params = random_params(2)
+  rng = np.random.default_rng(3)
+  grads_per_step = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+                    for _ in range(EPOCHS * STEPS_PER_EPOCH - start)]
+  expected = torch_reference(params, grads_per_step, config, start=start)
+  tx = optim.make_optimizer(config, steps_per_epoch=STEPS_PER_EPOCH)
+  state = optim.restarted_at(tx.init(params), start, config, steps_per_epoch=STEPS_PER_EPOCH)
+  current = params
+  for it, grads in enumerate(grads_per_step):
+    updates, state = tx.update(grads, state, current)
+    current = optax.apply_updates(current, updates)
+    for name, value in flat_with_names(current).items():
+      np.testing.assert_allclose(value, expected[it][name], rtol=2e-5, atol=2e-6, err_msg=f"step {start + it} {name}")

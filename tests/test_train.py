@@ -69,7 +69,7 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
   assert checkpointing.Checkpointer(workdir).all_steps() == [2, 3]
   model, params = export.load_pretrained(workdir / "export")
   pooled, regions = model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
-  assert pooled.shape == (1, 32) and regions.shape == (1, 4, 32)
+  assert pooled.shape == (1, 32) and regions.shape == (1, 16, 32)
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ walking memory, XLA fuses each op's dozens of elementwise steps into one loop.
 Randomness is stateless (tf.random.stateless_*): the same seed gives the same crops eagerly, inside
 tf.data.Dataset.map with any parallelism, and after a restart.
 """
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import functools
 import math
 
@@ -274,14 +274,14 @@ def solarize(x: tf.Tensor) -> tf.Tensor:
 
 def sample_photometric(seed: tf.Tensor, blur_prob: Sequence[float], solarize_prob: Sequence[float],
                        flip_prob: float = 0.5, jitter_prob: float = 0.8, gray_prob: float = 0.2,
-                       sigma: Sequence[float] = BLUR_SIGMA) -> dict:
+                       sigma: Sequence[float] = BLUR_SIGMA, jitter: Mapping[str, float] = JITTER_STRENGTH) -> dict:
   """Every random choice of flip -> jitter -> grayscale -> blur -> solarize for len(blur_prob) crops:
   bool 'flip', 'gray', 'blur', 'solarize' [n], 'sigma' [n], and sample_jitter's 'factors' and 'order'."""
   n = len(blur_prob)
   seeds = split_seed(seed, 6)
   return {
       "flip": _bernoulli(seeds[0], [flip_prob] * n),
-      **sample_jitter(seeds[1], n, jitter_prob, **JITTER_STRENGTH),
+      **sample_jitter(seeds[1], n, jitter_prob, **jitter),
       "gray": _bernoulli(seeds[2], [gray_prob] * n),
       "blur": _bernoulli(seeds[3], blur_prob),
       "sigma": tf.random.stateless_uniform([n], seeds[4], sigma[0], sigma[1]),
@@ -327,16 +327,17 @@ def apply_photometric(x: tf.Tensor, params: dict) -> tf.Tensor:
 
 
 def dino_views(image: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float],
-               blur_prob: Sequence[float], solarize_prob: Sequence[float]) -> tf.Tensor:
-  """len(blur_prob) crops of one size, each RandomResizedCrop(bicubic) -> flip -> colour jitter (p 0.8)
-  -> grayscale (p 0.2) -> blur (its blur_prob) -> solarize (its solarize_prob), as uint8
-  [n, size, size, 3] (DataAugmentationDINO before ToTensor)."""
+               blur_prob: Sequence[float], solarize_prob: Sequence[float],
+               jitter: Mapping[str, float] = JITTER_STRENGTH) -> tf.Tensor:
+  """len(blur_prob) crops of one size, each RandomResizedCrop(bicubic) -> flip -> colour jitter (p 0.8,
+  strengths `jitter`) -> grayscale (p 0.2) -> blur (its blur_prob) -> solarize (its solarize_prob), as
+  uint8 [n, size, size, 3] (DataAugmentationDINO before ToTensor)."""
   num = len(blur_prob)
   if num == 0:
     return tf.zeros([0, size, size, 3], tf.uint8)
   seed_crop, seed_photo = split_seed(seed, 2)
   x = random_resized_crops(image, seed_crop, num, size, scale)
-  return to_uint8(apply_photometric(x, sample_photometric(seed_photo, blur_prob, solarize_prob)))
+  return to_uint8(apply_photometric(x, sample_photometric(seed_photo, blur_prob, solarize_prob, jitter=jitter)))
 
 
 def inception_crop(image: tf.Tensor, seed: tf.Tensor, size: int,

@@ -59,10 +59,15 @@ def _object_layers(labels, x, y, pixel):
 
 
 def _random_colours(rng, n):
-  """RGB colours in [0, 1] from random hue, saturation and value."""
-  hue = rng.uniform(0, 1, n)
-  sat = rng.uniform(0.3, 1.0, n)
-  val = rng.uniform(0.25, 1.0, n)
+  """RGB colours in [0, 1] from a palette of 6 hues x 2 saturations x 2 values, slightly perturbed.
+
+  A small palette keeps colour from identifying an image: DINO's colour jitter moves hues by at most
+  0.1, so with free colours the crops of one image are matched by colour alone and self-supervised
+  training learns colour instead of shape (seen: k-NN at chance).
+  """
+  hue = rng.integers(0, 6, n) / 6 + rng.uniform(-0.02, 0.02, n)
+  sat = rng.choice([0.45, 0.9], n)
+  val = rng.choice([0.45, 0.9], n)
   k = (np.array([5.0, 3.0, 1.0]) + hue[:, None] * 6) % 6
   return val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
 
@@ -92,16 +97,18 @@ def _draw(rng, labels, height, width):
   # object: crops of one image share their background, so a distinctive background pattern (waves,
   # stripes) is a shortcut that self-supervised training learns instead of the shapes.
   bg1 = _random_colours(rng, n)
-  bg2 = np.clip(bg1 + rng.uniform(-0.15, 0.15, (n, 3)), 0, 1)
+  bg2 = np.clip(bg1 + rng.uniform(-0.1, 0.1, (n, 3)), 0, 1)
   angle = rng.uniform(0, 2 * np.pi, n)
   ramp = np.clip(0.5 + 0.35 * (_col(np.cos(angle)) * gx + _col(np.sin(angle)) * gy), 0, 1)[..., None]
   image = _rgb(bg1) + (_rgb(bg2) - _rgb(bg1)) * ramp
 
-  # Object: the salient content; position, size and rotation vary within every class, colours contrast
+  # Object: the salient content; position, size and colours vary within every class, colours contrast
   # with the background.
   radius = rng.uniform(0.45, 0.8, n)
   cx, cy = rng.uniform(-0.9, 0.9, (2, n)) * (1 - radius) * np.array([[width], [height]]) / short
-  rot = rng.uniform(0, 2 * np.pi, n)
+  # Small rotations only: crops keep an object's orientation, so a free one would identify the image
+  # (another shortcut) while saying nothing about its class.
+  rot = rng.uniform(-0.35, 0.35, n)
   cos, sin = _col(np.cos(rot) / radius), _col(np.sin(rot) / radius)
   dx, dy = gx - _col(cx), gy - _col(cy)
   x = cos * dx + sin * dy

@@ -62,11 +62,12 @@ def multicrop_views(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.Co
   """
   seed_global, seed_local = augment.split_seed(seed, 2)
   n = config.num_local_crops
+  jitter = dict(zip(("brightness", "contrast", "saturation", "hue"), config.color_jitter))
   return {
       "globals": augment.dino_views(image, seed_global, config.global_crop_size, config.global_crop_scale,
-                                    GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB),
+                                    GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB, jitter),
       "locals": augment.dino_views(image, seed_local, config.local_crop_size, config.local_crop_scale,
-                                   (LOCAL_BLUR_PROB,) * n, (0.0,) * n),
+                                   (LOCAL_BLUR_PROB,) * n, (0.0,) * n, jitter),
   }
 
 

@@ -68,7 +68,9 @@ def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 def _decode(raw: tf.Tensor) -> tf.Tensor:
   """JPEG, PNG, GIF or BMP bytes -> uint8 RGB [h, w, 3] (grayscale is replicated, alpha dropped, as
   PIL's convert('RGB') does)."""
-  return tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8)
+  return tf.cond(tf.io.is_jpeg(raw),  # libjpeg's accurate DCT, as PIL (TF defaults to the fast one).
+                 lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),
+                 lambda: tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8))
 
 
 def _extra(element: dict) -> dict:

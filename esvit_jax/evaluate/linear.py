@@ -7,7 +7,7 @@ the validation split after every epoch; the best and the last go to results.json
 work as in pretraining: the state holds the step, which is also the input position.
 """
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -53,6 +53,51 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
                      optax.sgd(epoch_cosine(peak, config.epochs, steps_per_epoch), momentum=config.momentum))
 
 
+class Probe:
+  """The probe's jitted functions on frozen `features(images) -> [B, D]`, sharded over `mesh`."""
+
+  def __init__(self, features: Callable[[jax.Array], jax.Array], feature_dim: int, num_classes: int,
+               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    self.head, replicated = classifier(num_classes), sharding.replicated(mesh)
+
+    def init(rng):
+      params = self.head.init(rng, jnp.zeros((1, feature_dim)))["params"]
+      return ProbeState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    def train(state, batch):
+      inputs = jax.lax.stop_gradient(features(batch["image"]))
+
+      def loss_fn(params):
+        logits = self.head.apply({"params": params}, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state), {"loss": loss}
+
+    def correct(params, batch):
+      predicted = jnp.argmax(self.head.apply({"params": params}, features(batch["image"])), axis=-1)
+      return jnp.sum((predicted == batch["label"]) & batch["mask"]), jnp.sum(batch["mask"])
+
+    self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    self.state_sharding = jax.tree.map(lambda _: replicated, self.abstract_state)
+    self.init = jax.jit(init, out_shardings=self.state_sharding)
+    self.train = jax.jit(train, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh)),
+                         out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+    self.correct = jax.jit(correct)
+    self.mesh = mesh
+
+  def accuracy(self, params, batches) -> float:
+    """Top-1 (%) over host-local batches {'image', 'label', 'mask'} of every host."""
+    hits = total = 0
+    for batch in sharding.prefetch_to_device(batches, self.mesh):
+      batch.pop("skipped_files", None)
+      h, t = jax.device_get(self.correct(params, batch))
+      hits, total = hits + int(h), total + int(t)
+    return 100.0 * hits / total
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the probe (or resumes it) and returns the results also written to workdir/results.json."""
   if not config.pretrained:
@@ -79,57 +124,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     feature_dim = jax.eval_shape(features, jnp.zeros((1, size, size, 3), jnp.uint8)).shape[-1]
     logging.info("Linear probe on %d-d features of the last %d blocks, %d classes, %d steps.", feature_dim,
                  config.n_last_blocks, source.num_classes, total_steps)
-    head = classifier(source.num_classes)
-    tx = make_optimizer(config, steps_per_epoch)
-
-    def init(rng):
-      params = head.init(rng, jnp.zeros((1, feature_dim)))["params"]
-      return ProbeState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    replicated = sharding.replicated(mesh)
-    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init, jax.random.PRNGKey(0)))
-
-    #### Steps ####
-    def train(state, batch):
-      inputs = jax.lax.stop_gradient(features(batch["image"]))
-
-      def loss_fn(params):
-        logits = head.apply({"params": params}, inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-      loss, grads = jax.value_and_grad(loss_fn)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state), {"loss": loss}
-
-    train = jax.jit(train, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
-
-    @jax.jit
-    def correct(params, batch):
-      predicted = jnp.argmax(head.apply({"params": params}, features(batch["image"])), axis=-1)
-      return jnp.sum((predicted == batch["label"]) & batch["mask"]), jnp.sum(batch["mask"])
+    probe = Probe(features, feature_dim, source.num_classes, make_optimizer(config, steps_per_epoch), mesh)
 
     def validate(params) -> float:
       ds, _ = multicrop.eval_dataset(config, config.eval_split, batch_size=config.eval_batch_size, source=source)
-      hits = total = 0
-      for batch in sharding.prefetch_to_device(ds.as_numpy_iterator(), mesh):
-        batch.pop("skipped_files")
-        h, t = jax.device_get(correct(params, batch))
-        hits, total = hits + int(h), total + int(t)
-      return 100.0 * hits / total
+      return probe.accuracy(params, ds.as_numpy_iterator())
 
     #### Restore ####
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(init, jax.random.PRNGKey(0)), state_sharding)
+                          probe.abstract_state, probe.state_sharding)
     restored = checkpointer.restore_latest(target)
     if restored:
       state, meta = restored
       history = meta["history"]
     else:
-      state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-      history = []
+      state, history = probe.init(jax.random.PRNGKey(config.seed)), []
     first_step = int(jax.device_get(state.step))
 
     #### Train, validating after every epoch ####
@@ -143,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(first_step + 1, total_steps + 1):
         batch = next(batches)
         batch.pop("skipped_files")
-        state, metrics = train(state, batch)
+        state, metrics = probe.train(state, batch)
         progress(step)
         if step % config.log_every_steps == 0:
           writer.write_scalars(step, jax.device_get(metrics))

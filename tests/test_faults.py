@@ -1,0 +1,10 @@
+"""The fault-injection loop, short: kills at random moments (some during checkpoint saves) lose nothing."""
+from benchmarks import faults
+
+
+def test_random_kills_and_resumes_end_in_the_uninterrupted_state(tmp_path):
+  results = faults.run(kills=3, steps=12, seed=0, workdir_root=str(tmp_path))
+  assert results["kills"] == 3 and results["resumes_succeeded"] == 3
+  assert results["corrupt_checkpoints"] == 0
+  assert results["max_steps_lost_per_kill"] <= 2  # Checkpoints every 2 steps.
+  assert results["max_loss_divergence"] <= 1e-6 and results["max_teacher_param_divergence"] <= 1e-6
