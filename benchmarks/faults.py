@@ -67,8 +67,9 @@ def kill_at_random_moment(proc: subprocess.Popen, workdir: str, rng: random.Rand
 
 def run(kills: int, steps: int, seed: int, workdir_root: str, timeout: float = 600.0) -> dict[str, float]:
   rng = random.Random(seed)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "JAX_COMPILATION_CACHE_DIR": os.path.join(workdir_root, "compile_cache")}
+  # Every attempt compiles the same program: a shared compilation cache makes restarts quick.
+  env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(workdir_root, "compile_cache"), **os.environ,
+         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
   clean, faulty = os.path.join(workdir_root, "clean"), os.path.join(workdir_root, "faulty")
   if start(clean, steps, env).wait(timeout) != 0:
     raise RuntimeError(f"The uninterrupted run failed; see {clean}.log")
@@ -110,6 +111,7 @@ def main() -> None:
   parser.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="esvit_faults_")
+  os.makedirs(root, exist_ok=True)
   try:
     results = run(args.kills, args.steps, args.seed, root)
   finally:

@@ -8,6 +8,7 @@ crops with the DINO augmentations, batching), and for cumulative stages of it, w
 goes. CPU time per image gives images/s per core even when other processes share the machine.
 """
 import os
+import sys
 import tempfile
 import time
 
@@ -16,11 +17,12 @@ from absl import flags
 from PIL import Image
 import tensorflow as tf
 
-from configs import common
-from esvit_jax.data import augment
-from esvit_jax.data import demo_data
-from esvit_jax.data import multicrop
-from esvit_jax.data import sources
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Runs as a script.
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax.data import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax.data import demo_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax.data import multicrop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _FOLDER = flags.DEFINE_string("folder", None, "Root with train/<class>/*.jpg; default: write demo JPEGs.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Demo JPEGs to write when --folder is not given.")

@@ -12,18 +12,19 @@ The batch is synthetic and already on the devices: this measures the step, not t
 """
 import os
 import statistics
+import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
-from esvit_jax import flops
-from esvit_jax import sharding
-from esvit_jax import train_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Runs as a script.
+from esvit_jax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/swin_t.py", "Pretraining config.")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 32, "Images per device per step.")

@@ -20,7 +20,8 @@ def get_config(arg: str | None = None):
   config.manual_dir = ml_collections.FieldReference(None, field_type=str)
   config.train_split = "train"
   config.eval_split = "validation"
-  config.crop_size = 224  # RandomResizedCrop(224), scale (0.08, 1), + horizontal flip.
+  config.crop_size = 224  # RandomResizedCrop(224, scale=crop_scale) + horizontal flip.
+  config.crop_scale = (0.08, 1.0)
   config.eval_resize = 256
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000

@@ -19,6 +19,12 @@ from absl import logging
 from etils import epath
 
 
+def orbax_path(path: str | os.PathLike) -> epath.Path:
+  """Orbax writes only to absolute paths: a relative local path (`--workdir runs/x`) is made absolute."""
+  path = epath.Path(path)
+  return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
 class CheckpointError(RuntimeError):
   """No usable checkpoint where checkpoints exist: refuse to start from scratch silently."""
 
@@ -28,7 +34,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, keep_every: int | None = None,
                asynchronous: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = orbax_path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=asynchronous)

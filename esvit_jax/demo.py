@@ -52,7 +52,7 @@ def main(argv):
   print(f"Pretraining: {monitored[-1]['step']} steps in {pretrain_minutes:.1f} min; whole demo {minutes:.1f} min.")
   print(f"Teacher k-NN top-1 (k={config.knn_k}, demo test split): {monitored[0][key]:.1f}% at initialisation "
         f"-> {monitored[-1][key]:.1f}% after pretraining (10 classes: chance is 10%).")
-  print(f"k-NN evaluation: " + ", ".join(f"k={k}: {results[f'knn_top1_k{k}']:.1f}%"
+  print("k-NN evaluation: " + ", ".join(f"k={k}: {results[f'knn_top1_k{k}']:.1f}%"
                                          for k in (10, 20, 100, 200) if f"knn_top1_k{k}" in results))
   print(f"Linear probe on the last 4 blocks: best {results['linear_top1_best']:.1f}%, last "
         f"{results['linear_top1_last']:.1f}% top-1 on the demo test split.")

@@ -46,7 +46,7 @@ def is_export(path: str | os.PathLike) -> bool:
 def save_backbone(directory: str | os.PathLike, backbone: SwinTransformer, params: Any, *,
                   source: str = "") -> None:
   """Writes the export directory; a collective call on multi-host runs (every process calls it)."""
-  directory = epath.Path(directory)
+  directory = checkpointing.orbax_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", params, force=True)
@@ -59,7 +59,7 @@ def save_backbone(directory: str | os.PathLike, backbone: SwinTransformer, param
 def load_backbone(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
                   sharding: jax.sharding.Sharding | None = None) -> tuple[SwinTransformer, Any]:
   """Reads an export directory; parameters are placed with `sharding` (default: the first device)."""
-  directory = epath.Path(directory)
+  directory = checkpointing.orbax_path(directory)
   meta_path = directory / "model.json"
   if not meta_path.exists():
     raise FileNotFoundError(f"{directory} is not an exported backbone: {meta_path} is missing.")

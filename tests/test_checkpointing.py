@@ -89,3 +89,14 @@ def test_a_workdir_in_use_is_refused_in_process_and_across_processes(tmp_path):
     assert done.returncode != 0 and "Another run is using workdir" in done.stderr
   with checkpointing.workdir_lock(tmp_path):  # Released when the first run ends (or dies: the OS drops it).
     pass
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Orbax refuses relative paths; `--workdir runs/x` must still work.
+  checkpointer = checkpointing.Checkpointer("runs/x")
+  checkpointer.save(3, STATE, {"input_position": 3}, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  state, meta = checkpointing.Checkpointer("runs/x").restore_latest(target())
+  assert meta["step"] == 3 and (tmp_path / "runs/x/checkpoints/3").is_dir()
+  np.testing.assert_array_equal(state["w"], STATE["w"])

@@ -1,5 +1,6 @@
 """Evaluation and export: linear probe, k-NN task, results.json, export and load_pretrained."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import pytest
 import esvit_jax
 from configs import knn as knn_config
 from configs import linear_probe as linear_config
-from esvit_jax import export
 from esvit_jax import sharding
 from esvit_jax import train
 from esvit_jax import train_step
@@ -72,7 +72,8 @@ def test_export_and_load_pretrained_give_bit_identical_teacher_outputs(pretraine
   teacher = train_step.build_model(config).backbone
   expected = teacher.apply({"params": state.teacher_params["backbone"]}, images)
   reexported = tmp_path / "reexported"
-  done = subprocess.run([sys.executable, "-m", "esvit_jax.export", str(workdir), str(reexported)], cwd=ROOT,
+  relative = [os.path.relpath(p, ROOT) for p in (workdir, reexported)]  # Orbax itself wants absolute paths.
+  done = subprocess.run([sys.executable, "-m", "esvit_jax.export", *relative], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   for path in (workdir / "export", workdir, reexported):  # Written at the end, the workdir itself, the CLI.

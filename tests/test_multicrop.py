@@ -140,7 +140,7 @@ def test_eval_images_are_the_resized_centre_crops():
 
 
 def test_classification_training_batches():
-  config = _config()
+  config = _config(crop_scale=(0.08, 1.0))
   ds = multicrop.train_classification_dataset(config, "train", batch_size=16, crop_size=20, start_step=5,
                                               process_index=0, process_count=1)
   [batch] = _take(ds, 1)

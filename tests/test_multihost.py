@@ -27,11 +27,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_main(workdir, num_processes: int, compile_cache: str) -> None:
+def run_main(workdir, num_processes: int) -> None:
   """main.py on the tiny config to STEPS steps, as `num_processes` processes sharing 8 CPU devices."""
   port, procs = free_port(), []
   for index in range(num_processes):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": compile_cache,
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // num_processes}"}
     cmd = [sys.executable, "main.py", "--config", "tests/configs/tiny.py", f"--workdir={workdir}",
            f"--config.total_steps={STEPS}"]
@@ -68,15 +68,14 @@ def assert_close_trees(a, b, atol):
 def runs(tmp_path_factory):
   """One uninterrupted run to STEPS steps with 1 process and one with 2 processes."""
   root = tmp_path_factory.mktemp("multihost")
-  cache = str(root / "compile_cache")
   dirs = {n: str(root / f"{n}proc") for n in (1, 2)}
   for n, workdir in dirs.items():
-    run_main(workdir, n, cache)
-  return root, cache, dirs
+    run_main(workdir, n)
+  return root, dirs
 
 
 def test_two_processes_equal_one_process(runs):
-  _, _, dirs = runs
+  _, dirs = runs
   one, two = losses(dirs[1]), losses(dirs[2])
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   for step in one:
@@ -86,12 +85,12 @@ def test_two_processes_equal_one_process(runs):
 
 @pytest.mark.parametrize("written_by,resumed_by", [(2, 1), (1, 2)])
 def test_checkpoints_resume_across_process_counts(runs, written_by, resumed_by):
-  root, cache, dirs = runs
+  root, dirs = runs
   workdir = str(root / f"written{written_by}_resumed{resumed_by}")
   shutil.copytree(dirs[written_by], workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # Resume from step STEPS - 2.
   shutil.rmtree(os.path.join(workdir, "export"))
-  run_main(workdir, resumed_by, cache)
+  run_main(workdir, resumed_by)
   resumed, reference = losses(workdir), losses(dirs[resumed_by])
   for step in (STEPS - 1, STEPS):
     assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -144,13 +144,14 @@ def train_classification_dataset(config: ml_collections.ConfigDict, split: str, 
                                  crop_size: int, start_step: int = 0, process_index: int | None = None,
                                  process_count: int | None = None,
                                  source: sources.Source | None = None) -> tf.data.Dataset:
-  """Infinite labelled batches for the linear probe: RandomResizedCrop(crop_size, scale (0.08, 1),
+  """Infinite labelled batches for the linear probe: RandomResizedCrop(crop_size, config.crop_scale,
   bilinear, as eval_linear.py) + horizontal flip. Elements: 'image' uint8 [b, C, C, 3], 'label' int32
   [b], 'skipped_files' int32 []; batch_size is global."""
   shard = sources.HostShard.current(process_index, process_count)
 
   def transform(example, seed):
-    return {"image": augment.inception_crop(example["image"], seed, crop_size), "label": example["label"]}
+    image = augment.inception_crop(example["image"], seed, crop_size, scale=config.crop_scale)
+    return {"image": image, "label": example["label"]}
   return training_batches(config, _source(config, source), split, batch_size, start_step, shard,
                           transform)
 
