@@ -106,14 +106,15 @@ def run(kills: int, steps: int, seed: int, workdir_root: str, timeout: float = 6
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kills", type=int, default=20)
-  parser.add_argument("--steps", type=int, default=40, help="length of the tiny run")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="length of the tiny run; default 4 x kills, so that every kill lands before the end")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="esvit_faults_")
   os.makedirs(root, exist_ok=True)
   try:
-    results = run(args.kills, args.steps, args.seed, root)
+    results = run(args.kills, args.steps or 4 * args.kills, args.seed, root)
   finally:
     if not args.workdir:
       shutil.rmtree(root, ignore_errors=True)
