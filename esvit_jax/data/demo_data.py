@@ -1,9 +1,10 @@
 """The embedded demo dataset: coloured shapes and textures drawn in numpy, no download.
 
 Ten classes are defined by shape or texture only. Colour, background, position, size and rotation are
-drawn independently of the class, so colour histograms or raw pixels do not separate the classes, while a
-small backbone pretrained for a few minutes learns features whose k-NN accuracy shows it. Images are drawn
-with anti-aliased edges at any resolution, deterministically from a seed.
+drawn independently of the class, so colour histograms or raw pixels do not separate the classes (a
+randomly initialised demo Swin reaches 22.6% k-NN on the test split; EsViT pretraining for the demo's
+few CPU minutes adds only about a point: see README). Images are drawn with anti-aliased edges at any
+resolution, deterministically from a seed.
 """
 import numpy as np
 
