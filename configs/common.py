@@ -1,6 +1,8 @@
 """The EsViT pretraining recipe shared by every pretraining config (esvit_spec.md section 4.1)."""
 import ml_collections
 
+from esvit_jax.data import constants
+
 
 def parse_arg(arg: str | None, **defaults):
   """Parses 'k=v,k2=v2' config arguments, typing each value like its default."""
@@ -32,7 +34,7 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.num_local_crops = 8
   config.global_crop_scale = (0.4, 1.0)
   config.local_crop_scale = (0.05, 0.4)
-  config.color_jitter = (0.4, 0.4, 0.2, 0.1)  # Brightness, contrast, saturation, hue (DINO's ColorJitter).
+  config.color_jitter = tuple(constants.JITTER_STRENGTH.values())  # Brightness, contrast, saturation, hue.
   config.eval_resize = 256
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000

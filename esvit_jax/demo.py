@@ -36,7 +36,8 @@ def main(argv):
   config = demo.get_config()
   tasks.run(config, pretrain_dir)
   pretrain_minutes = (time.time() - start) / 60
-  monitored = [r for r in writers.read_metrics(pretrain_dir) if f"knn_top1_k{config.knn_k}" in r]
+  key = f"knn_top1_k{config.knn_k}"
+  monitored = [r for r in writers.read_metrics(pretrain_dir) if key in r]
 
   results = {}
   for task in ("knn", "linear_probe"):
@@ -45,7 +46,6 @@ def main(argv):
     results.update(tasks.run(eval_config, root / task))
   minutes = (time.time() - start) / 60
 
-  key = f"knn_top1_k{config.knn_k}"
   print("\n" + "=" * 78)
   print(f"EsViT demo: {config.model.backbone}-shaped Swin (embed {config.model.embed_dim}, depths "
         f"{tuple(config.model.depths)}) on the demo dataset ({config.batch_size} images per step).")

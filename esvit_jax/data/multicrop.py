@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from esvit_jax.data import augment
+from esvit_jax.data import constants
 from esvit_jax.data import sources
 
 GLOBAL_BLUR_PROB = (1.0, 0.1)
@@ -62,7 +63,7 @@ def multicrop_views(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.Co
   """
   seed_global, seed_local = augment.split_seed(seed, 2)
   n = config.num_local_crops
-  jitter = dict(zip(("brightness", "contrast", "saturation", "hue"), config.color_jitter))
+  jitter = dict(zip(constants.JITTER_STRENGTH, config.color_jitter))
   return {
       "globals": augment.dino_views(image, seed_global, config.global_crop_size, config.global_crop_scale,
                                     GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB, jitter),

@@ -12,9 +12,9 @@ def write(workdir: str | os.PathLike, metrics: dict[str, Any], config: ml_collec
   """Writes workdir/results.json (process 0) and prints the metrics as a short table (every process)."""
   if jax.process_index() == 0:
     record = {"metrics": metrics, "pretrained": str(config.pretrained), "config": json.loads(config.to_json_best_effort())}
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    path = epath.Path(workdir) / "results.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
   width = max(map(len, metrics))
   print(f"\n{'metric':<{width}}  value\n{'-' * width}  -------")
   for name, value in metrics.items():
