@@ -35,6 +35,7 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.global_crop_scale = (0.4, 1.0)
   config.local_crop_scale = (0.05, 0.4)
   config.color_jitter = tuple(constants.JITTER_STRENGTH.values())  # Brightness, contrast, saturation, hue.
+  config.blur_sigma = constants.BLUR_SIGMA  # Range of the Gaussian blur's sigma, in crop pixels.
   config.eval_resize = 256
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000

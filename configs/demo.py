@@ -42,12 +42,14 @@ def get_config(arg: str | None = None):
   # Departures from the ImageNet recipe that a few minutes on tiny images need:
   # a faster-following teacher, a constant sharp teacher temperature and a normalised last layer keep the
   # small heads from collapsing; strong hue and saturation jitter hide colour, which would otherwise
-  # match the crops of one image by itself.
+  # match the crops of one image by itself; the blur's sigma, in pixels, is scaled from DINO's 224 px
+  # crops to these 32 px ones (unscaled, the always-blurred first global crop loses its shapes).
   config.lr = 1e-3
   config.warmup_epochs = 2
   config.momentum_teacher = 0.99
   config.warmup_teacher_temp = config.teacher_temp = 0.04
   config.color_jitter = (0.4, 0.4, 0.8, 0.5)
+  config.blur_sigma = (0.02, 0.3)
   config.compute_dtype = "float32"  # bfloat16 matmuls are emulated, hence slow, on most CPUs.
 
   config.log_every_steps = 20

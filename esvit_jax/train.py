@@ -25,6 +25,7 @@ from esvit_jax import models
 from esvit_jax import sharding
 from esvit_jax import train_step
 from esvit_jax import writers
+from esvit_jax.data import constants
 from esvit_jax.data import multicrop
 from esvit_jax.data import sources
 from esvit_jax.evaluate import knn
@@ -49,6 +50,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if size < patch or size % patch:
       raise ValueError(f"config.{name}={size} must be a positive multiple of the patch size {patch} "
                        f"(e.g. {max(patch, size - size % patch)}).")
+  low, high = config.blur_sigma
+  if not 0.0 < low <= high <= constants.BLUR_SIGMA[1]:
+    raise ValueError(f"config.blur_sigma={tuple(config.blur_sigma)} must satisfy 0 < low <= high <= "
+                     f"{constants.BLUR_SIGMA[1]} (the blur kernel's taps cover 3 sigma up to that).")
   if not 0.0 <= config.region_loss_weight <= 1.0:
     raise ValueError(f"config.region_loss_weight={config.region_loss_weight} must lie in [0, 1].")
   if config.sharding not in sharding.STRATEGIES:

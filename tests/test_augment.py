@@ -200,6 +200,9 @@ def test_photometric_probabilities_over_many_crops():
   assert p["blur"][::2].all() and abs(p["blur"][1::2].mean() - 0.1) < 0.03
   assert not p["solarize"][::2].any() and abs(p["solarize"][1::2].mean() - 0.2) < 0.03
   assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean() - 1.05) < 0.04
+  small = augment.sample_photometric(tf.constant([8, 9]), [1.0] * 1000, [0.0] * 1000, sigma=(0.02, 0.3))
+  sigma = small["sigma"].numpy()
+  assert sigma.min() >= 0.02 and sigma.max() <= 0.3 and abs(sigma.mean() - 0.16) < 0.01
 
 
 def test_dino_views_are_seeded_and_in_range():

@@ -67,6 +67,15 @@ def test_same_seed_same_batches_other_seed_other_batches():
     assert not np.array_equal(a["globals"], c["globals"])
 
 
+def test_blur_sigma_from_the_config_reaches_the_crops():
+  def sharpness(config):  # Mean absolute difference of neighbouring pixels of the always-blurred first global crop.
+    [batch] = _take(multicrop.pretrain_dataset(config, process_index=0, process_count=1), 1)
+    first = batch["globals"][:, 0].astype(np.float32)
+    return np.abs(np.diff(first, axis=2)).mean()
+  dino, faint = sharpness(_config()), sharpness(_config(blur_sigma=(0.02, 0.03)))
+  assert faint > 1.2 * dino
+
+
 def test_two_hosts_read_halves_of_the_same_global_batches_as_one_host():
   config = _config()
   one = list(itertools.islice(multicrop.pretrain_dataset(config, process_index=0, process_count=1)

@@ -136,6 +136,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
     ({"dataset": "folder:/no/such/dir"}, "/no/such/dir"),
     ({"train_split": "unlabelled"}, "Split 'unlabelled' does not exist"),
     ({"sharding": "tensor"}, "'data', 'fsdp'"),
+    ({"blur_sigma": (0.5, 3.0)}, r"blur_sigma=\(0.5, 3.0\) must satisfy"),
 ])
 def test_invalid_configs_fail_at_start_with_what_to_change(overrides, message, tmp_path):
   config = tiny.get_config()

@@ -18,12 +18,12 @@ import math
 
 import tensorflow as tf
 
+from esvit_jax.data.constants import BLUR_SIGMA
 from esvit_jax.data.constants import IMAGENET_MEAN
 from esvit_jax.data.constants import IMAGENET_STD
 from esvit_jax.data.constants import JITTER_STRENGTH
 
 DEFAULT_RATIO = (3 / 4, 4 / 3)
-BLUR_SIGMA = (0.1, 2.0)
 _BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # Taps on each side of the Gaussian kernel.
 _IDENTITY = 4  # Index of "no colour op" in the jitter's per-slot choice.
 
@@ -328,16 +328,17 @@ def apply_photometric(x: tf.Tensor, params: dict) -> tf.Tensor:
 
 def dino_views(image: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float],
                blur_prob: Sequence[float], solarize_prob: Sequence[float],
-               jitter: Mapping[str, float] = JITTER_STRENGTH) -> tf.Tensor:
+               jitter: Mapping[str, float] = JITTER_STRENGTH, sigma: Sequence[float] = BLUR_SIGMA) -> tf.Tensor:
   """len(blur_prob) crops of one size, each RandomResizedCrop(bicubic) -> flip -> colour jitter (p 0.8,
-  strengths `jitter`) -> grayscale (p 0.2) -> blur (its blur_prob) -> solarize (its solarize_prob), as
-  uint8 [n, size, size, 3] (DataAugmentationDINO before ToTensor)."""
+  strengths `jitter`) -> grayscale (p 0.2) -> blur (its blur_prob, sigma uniform in `sigma`) -> solarize
+  (its solarize_prob), as uint8 [n, size, size, 3] (DataAugmentationDINO before ToTensor)."""
   num = len(blur_prob)
   if num == 0:
     return tf.zeros([0, size, size, 3], tf.uint8)
   seed_crop, seed_photo = split_seed(seed, 2)
   x = random_resized_crops(image, seed_crop, num, size, scale)
-  return to_uint8(apply_photometric(x, sample_photometric(seed_photo, blur_prob, solarize_prob, jitter=jitter)))
+  params = sample_photometric(seed_photo, blur_prob, solarize_prob, jitter=jitter, sigma=sigma)
+  return to_uint8(apply_photometric(x, params))
 
 
 def inception_crop(image: tf.Tensor, seed: tf.Tensor, size: int,

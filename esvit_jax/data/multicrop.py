@@ -66,9 +66,9 @@ def multicrop_views(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.Co
   jitter = dict(zip(constants.JITTER_STRENGTH, config.color_jitter))
   return {
       "globals": augment.dino_views(image, seed_global, config.global_crop_size, config.global_crop_scale,
-                                    GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB, jitter),
+                                    GLOBAL_BLUR_PROB, GLOBAL_SOLARIZE_PROB, jitter, config.blur_sigma),
       "locals": augment.dino_views(image, seed_local, config.local_crop_size, config.local_crop_scale,
-                                   (LOCAL_BLUR_PROB,) * n, (0.0,) * n, jitter),
+                                   (LOCAL_BLUR_PROB,) * n, (0.0,) * n, jitter, config.blur_sigma),
   }
 
 
