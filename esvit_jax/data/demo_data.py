@@ -3,8 +3,8 @@
 Ten classes are defined by shape or texture only. Colour, background, position, size and rotation are
 drawn independently of the class, so colour histograms or raw pixels do not separate the classes (a
 randomly initialised demo Swin reaches 22.6% k-NN on the test split, and 33.3% after the demo's 8 CPU
-minutes of EsViT pretraining: see README). Images are drawn with anti-aliased
-edges at any resolution, deterministically from a seed.
+minutes of EsViT pretraining: see README). Images are drawn with anti-aliased edges at any resolution,
+deterministically from a seed.
 """
 import numpy as np
 
