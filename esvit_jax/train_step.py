@@ -18,17 +18,11 @@ import optax
 from jax.sharding import Mesh
 
 from esvit_jax import losses, models, optim, schedules, sharding
-from esvit_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from esvit_jax.data.normalize import normalize_images
 
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """uint8 RGB [..., 3] -> (x / 255 - mean) / std in `dtype` (torchvision ToTensor + Normalize)."""
-  x = images.astype(jnp.float32) / 255.0
-  return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(dtype)
 
 
 @flax.struct.dataclass

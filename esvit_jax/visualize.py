@@ -28,7 +28,8 @@ from etils import epath
 from PIL import Image, ImageDraw, ImageEnhance
 
 from esvit_jax import export
-from esvit_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, JITTER_STRENGTH
+from esvit_jax.data.constants import JITTER_STRENGTH
+from esvit_jax.data.normalize import normalize_images
 from esvit_jax.models.swin import SwinTransformer, block_windows
 
 # Anchors of a perceptually ordered dark-to-bright colour map (inferno-like), interpolated linearly.
@@ -46,11 +47,6 @@ def load_image(path: str | epath.PathLike, size: int) -> np.ndarray:
   image = image.resize((width, height), Image.Resampling.BICUBIC)
   left, top = (width - size) // 2, (height - size) // 2
   return np.asarray(image.crop((left, top, left + size, top + size)))
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-  """uint8 images -> float32 with the ImageNet mean and std, as the backbone was trained."""
-  return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -115,7 +111,7 @@ def attention_maps(model: SwinTransformer, params: Any, image: np.ndarray, query
   (default: the centre token) in the last block; query='mean' averages the rows of all tokens instead,
   showing where each head looks overall. Heads stay in model order (analyze_models.py sorts by entropy).
   """
-  regions, attention = _forward(model, params, jnp.asarray(normalize(image[None])))
+  regions, attention = _forward(model, params, jnp.asarray(normalize_images(image[None])))
   grid = math.isqrt(regions.shape[1])
   window, shift = block_windows(model.image_size, model.patch_size, model.depths, model.window_size)[-1][-1]
   full = token_attention(np.asarray(attention[0]), grid, window, shift)
@@ -219,7 +215,7 @@ def match_regions(features_1: np.ndarray, features_2: np.ndarray, top_k: int = 1
 def region_correspondences(model: SwinTransformer, params: Any, view_1: np.ndarray, view_2: np.ndarray,
                            top_k: int = 10) -> Correspondences:
   """Matches between the final-norm region tokens (the features of EsViT's region loss) of two views."""
-  regions, _ = _forward(model, params, jnp.asarray(normalize(np.stack([view_1, view_2]))))
+  regions, _ = _forward(model, params, jnp.asarray(normalize_images(np.stack([view_1, view_2]))))
   regions = np.asarray(regions, np.float64)
   pairs, similarity = match_regions(regions[0], regions[1], top_k)
   return Correspondences(pairs, similarity, math.isqrt(regions.shape[1]))

@@ -19,8 +19,6 @@ import math
 import tensorflow as tf
 
 from esvit_jax.data.constants import BLUR_SIGMA
-from esvit_jax.data.constants import IMAGENET_MEAN
-from esvit_jax.data.constants import IMAGENET_STD
 from esvit_jax.data.constants import JITTER_STRENGTH
 
 DEFAULT_RATIO = (3 / 4, 4 / 3)
@@ -47,12 +45,6 @@ def _per_crop(values: tf.Tensor) -> tf.Tensor:
 def to_uint8(x: tf.Tensor) -> tf.Tensor:
   """Pixel floats (already whole numbers) to uint8."""
   return tf.cast(tf.clip_by_value(x, 0.0, 255.0), tf.uint8)
-
-
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """ToTensor + Normalize(ImageNet mean, std): uint8 or pixel floats -> float32, channels last."""
-  x = tf.cast(image, tf.float32) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 # ----------------------------------------------------------------------------------------------------

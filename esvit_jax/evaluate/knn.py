@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esvit_jax import export
 from esvit_jax import sharding
-from esvit_jax import train_step
 from esvit_jax.data import multicrop
+from esvit_jax.data import normalize
 from esvit_jax.data import sources
 from esvit_jax.evaluate import results as results_lib
 
@@ -24,7 +24,7 @@ Batch = Mapping[str, np.ndarray]
 
 def pooled_features(backbone, params, images: jax.Array, dtype) -> jax.Array:
   """The k-NN feature: the backbone's pooled final-norm feature of uint8 images, L2-normalised, float32."""
-  pooled, _ = backbone.apply({"params": params}, train_step.normalize_images(images, dtype), train=False)
+  pooled, _ = backbone.apply({"params": params}, normalize.normalize_images(images, dtype), train=False)
   pooled = pooled.astype(jnp.float32)
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 

@@ -23,9 +23,9 @@ from etils import epath
 from esvit_jax import checkpointing
 from esvit_jax import export
 from esvit_jax import sharding
-from esvit_jax import train_step
 from esvit_jax import writers
 from esvit_jax.data import multicrop
+from esvit_jax.data import normalize
 from esvit_jax.data import sources
 from esvit_jax.evaluate import results as results_lib
 
@@ -116,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = config.epochs * steps_per_epoch
 
     def features(images):
-      images = train_step.normalize_images(images, dtype)
+      images = normalize.normalize_images(images, dtype)
       return backbone.apply({"params": backbone_params}, images, config.n_last_blocks,
                             method=backbone.last_blocks).astype(jnp.float32)
 
