@@ -5,20 +5,24 @@ r"""esvit-jax entry point: every host of a pod or cluster runs the same command.
   python main.py --config configs/knn.py --config.pretrained=PATH --workdir DIR
   python main.py --config configs/linear_probe.py --config.pretrained=PATH --workdir DIR
 
+A user's mistake (a bad flag or config value, a missing dataset or checkpoint) ends the run with its
+message and exit code 2; any other failure is a bug and shows its traceback.
+
 Multi-host: pass --distributed (the launch/ scripts do) to join JAX's multi-controller runtime; the
 coordinator is found from the TPU or SLURM environment, or given with --coordinator_address,
 --num_processes and --process_id.
 """
+
 import logging as std_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
+
+from esvit_jax import cli, errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here (local path or gs://).")
@@ -26,7 +30,9 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, when not auto-detected.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, when not auto-detected.")
 flags.DEFINE_integer("process_id", None, "This process's index, when not auto-detected.")
-config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/swin_t.py[:arg].", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "A config file, e.g. configs/swin_t.py[:arg].", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,21 +41,36 @@ def quiet_orbax(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv):
+@cli.exit_on_user_error
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=cli.USER_ERROR_EXIT_CODE)
+  config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]  # Without its argument.
+  if not os.path.isfile(config_file):  # config_flags would only fail later, with a traceback.
+    raise errors.NotFoundError(f"--config {config_file}: no such file.")
   logging.get_absl_handler().addFilter(quiet_orbax)
   if FLAGS.distributed or FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerator memory to JAX.
-  logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  logging.info(
+    "Process %d of %d, %d local / %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
 
   from esvit_jax import tasks  # pylint: disable=g-import-not-at-top
+
   tasks.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,50 +1,46 @@
-r"""Throughput of the multi-crop input pipeline on a folder of ImageNet-sized JPEGs.
+r"""Host cost of the pretraining input pipeline on a folder of ImageNet-sized JPEGs, in both modes.
 
   python benchmarks/input_pipeline.py                      # writes 256 demo JPEGs (375x500) to a temp dir
   python benchmarks/input_pipeline.py --folder=/data/imagenet --batches=50
+  python benchmarks/input_pipeline.py --image_size=1200,1600  # larger than the canvas: DCT scaling + resize
 
-Prints images/s (wall time) and CPU milliseconds per image for the full pipeline (decode, 2 x 224 + 8 x 96
-crops with the DINO augmentations, batching), and for cumulative stages of it, which shows where the time
-goes. CPU time per image gives images/s per core even when other processes share the machine.
+(Run from the checkout's root, where the config paths point; the package must be installed, as `make install`
+does.)
+
+Host mode (config.augment_on='host'): images/s (wall time) and CPU milliseconds per image of the full
+pipeline (decode, 2 x 224 + 8 x 96 crops with the DINO augmentations, batching), and of cumulative stages
+of it, which shows where the time goes. Device mode (the default): the same JPEGs decoded once into the
+uint8 canvas (the crops are made by the train step); the ratio of the two CPU costs per image is what
+moving the augmentation to the accelerator saves the host. CPU time per image gives images/s per core
+even when other processes share the machine.
 """
+
 import os
-import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
-from PIL import Image
+from absl import app, flags
+from ml_collections import config_flags
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Runs as a script.
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax.data import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax.data import demo_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax.data import multicrop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax import writers
+from esvit_jax.data import augment, demo_data, multicrop, sources
 
-_FOLDER = flags.DEFINE_string("folder", None, "Root with train/<class>/*.jpg; default: write demo JPEGs.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Demo JPEGs to write when --folder is not given.")
+FOLDER = flags.DEFINE_string("folder", None, "Root with train/<class>/*.jpg; default: write demo JPEGs.")
+NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Demo JPEGs to write when --folder is not given.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _BATCHES = flags.DEFINE_integer("batches", 24, "Batches timed per row (after 4 warm-up batches).")
-_STAGES = flags.DEFINE_bool("stages", True, "Also time the cumulative stages of the pipeline.")
-
-
-def write_demo_jpegs(root: str, num: int, size=(375, 500)) -> None:
-  """num demo images as root/train/<class>/<i>.jpg (quality 90), drawn in chunks to bound memory."""
-  for start in range(0, num, 64):
-    images, labels = demo_data.generate(min(64, num - start), size, seed=start)
-    for i, (image, label) in enumerate(zip(images, labels)):
-      folder = os.path.join(root, "train", demo_data.CLASS_NAMES[label])
-      os.makedirs(folder, exist_ok=True)
-      Image.fromarray(image).save(os.path.join(folder, f"{start + i:06d}.jpg"), quality=90)
+_STAGES = flags.DEFINE_bool("stages", True, "Also time the cumulative stages of the host-mode pipeline.")
+IMAGE_SIZE = flags.DEFINE_list("image_size", ["375", "500"], "Height,width of the demo JPEGs.")
+_CANVAS = flags.DEFINE_integer("canvas_size", 512, "Device mode: config.canvas_size.")
 
 
 def _stage_transforms(config):
   """Cumulative prefixes of the pretraining transform: name -> fn(example, seed) -> dict."""
-  groups = ((config.global_crop_size, 2, config.global_crop_scale),
-            (config.local_crop_size, config.num_local_crops, config.local_crop_scale))
+  groups = (
+    (config.global_crop_size, 2, config.global_crop_scale),
+    (config.local_crop_size, config.num_local_crops, config.local_crop_scale),
+  )
 
   def crops(example, seed, photometric):
     out = {}
@@ -55,13 +51,21 @@ def _stage_transforms(config):
         x = augment.apply_photometric(x, augment.sample_photometric(seed_photo, [0.0] * num, [0.0] * num))
       out[str(size)] = augment.to_uint8(x)
     return out
+
   return {
-      "decode only": lambda example, seed: {"shape": tf.shape(example["image"])},
-      "+ 10 random resized crops": lambda example, seed: crops(example, seed, False),
-      "+ flip, colour jitter, grayscale": lambda example, seed: crops(example, seed, True),
-      "full (+ blur, solarize)": lambda example, seed: multicrop.multicrop_views(
-          example["image"], seed, config),
+    "decode only": lambda example, seed: {"shape": tf.shape(example["image"])},
+    "+ 10 random resized crops": lambda example, seed: crops(example, seed, False),
+    "+ flip, colour jitter, grayscale": lambda example, seed: crops(example, seed, True),
+    "full (+ blur, solarize)": lambda example, seed: multicrop.multicrop_views(
+      example["image"], seed, config
+    ),
   }
+
+
+def time_pretrain_pipeline(config, source: sources.Source, batches: int) -> tuple[float, float]:
+  """(images/s of wall time, CPU ms per image) of multicrop.pretrain_dataset in config.augment_on's mode."""
+  ds = multicrop.pretrain_dataset(config, process_index=0, process_count=1, source=source)
+  return _time(ds, batches, config.batch_size)
 
 
 def _time(ds, batches: int, batch_size: int) -> tuple[float, float]:
@@ -78,12 +82,12 @@ def _time(ds, batches: int, batch_size: int) -> tuple[float, float]:
 
 
 def main(_):
-  config = common.pretrain_config("swin_tiny", 0.1)
-  config.batch_size = _BATCH.value
-  root = _FOLDER.value
+  config = CONFIG.value.copy_and_resolve_references()
+  config.batch_size, config.augment_on, config.canvas_size = _BATCH.value, "host", _CANVAS.value
+  root = FOLDER.value
   if root is None:
     root = tempfile.mkdtemp(prefix="esvit_bench_")
-    write_demo_jpegs(root, _NUM_IMAGES.value)
+    demo_data.write_jpeg_folder(root, NUM_IMAGES.value, tuple(int(v) for v in IMAGE_SIZE.value))
   config.dataset = f"folder:{root}"
   source = sources.get_source(config.dataset)
   shard = sources.HostShard(0, 1)
@@ -92,24 +96,43 @@ def main(_):
   rows = []
   if _STAGES.value:
     for name, transform in _stage_transforms(config).items():
-      ds = multicrop.training_batches(config, source, config.train_split, config.batch_size, 0, shard,
-                                      transform)
+      ds = multicrop.training_batches(
+        config, source, config.train_split, config.batch_size, 0, shard, transform
+      )
       rows.append((name, _time(ds, _BATCHES.value, config.batch_size)))
   else:
-    ds = multicrop.pretrain_dataset(config, process_index=0, process_count=1, source=source)
-    rows.append(("full (+ blur, solarize)", _time(ds, _BATCHES.value, config.batch_size)))
+    rows.append(("full (+ blur, solarize)", time_pretrain_pipeline(config, source, _BATCHES.value)))
+  host_ms = rows[-1][1][1]
+  config.augment_on = "device"
+  rows.append(
+    (
+      f"device mode: decode into {config.canvas_size} canvas",
+      time_pretrain_pipeline(config, source, _BATCHES.value),
+    )
+  )
 
-  print(f"\nInput pipeline, {source.num_examples('train')} JPEGs in {root}, batch {config.batch_size}, "
-        f"crops 2 x {config.global_crop_size} + {config.num_local_crops} x {config.local_crop_size}, "
-        f"{cores} CPU cores, TensorFlow {tf.__version__}")
-  print(f"| {'pipeline':34s} | images/s (wall) | CPU ms/image | images/s/core (CPU time) |")
-  print(f"|{'-' * 36}|----------------:|-------------:|-------------------------:|")
-  for name, (rate, cpu_ms) in rows:
-    print(f"| {name:34s} | {rate:15.1f} | {cpu_ms:12.1f} | {1000 / cpu_ms:24.1f} |")
-  rate, cpu_ms = rows[-1][1]
-  print(f"\nfull pipeline: {rate:.1f} images/s on {cores} cores ({rate / cores:.1f} per core, wall time); "
-        f"{1000 / cpu_ms:.1f} images/s per fully used core (CPU time)")
+  print(
+    f"\nInput pipeline, {source.num_examples('train')} JPEGs in {root}, batch {config.batch_size}, "
+    f"crops 2 x {config.global_crop_size} + {config.num_local_crops} x {config.local_crop_size}, "
+    f"{cores} CPU cores, TensorFlow {tf.__version__}"
+  )
+  print(
+    writers.markdown_table(
+      ["pipeline", "images/s (wall)", "CPU ms/image", "images/s/core (CPU time)"],
+      [[name, f"{rate:.1f}", f"{cpu_ms:.2f}", f"{1000 / cpu_ms:.1f}"] for name, (rate, cpu_ms) in rows],
+    )
+  )
+  rate, device_ms = rows[-1][1]
+  print(
+    f"\ndevice mode: {rate:.1f} images/s on {cores} cores (wall time), {1000 / device_ms:.1f} images/s "
+    f"per fully used core (CPU time); host mode needs {host_ms / device_ms:.1f}x more host CPU per image "
+    f"({host_ms:.2f} vs {device_ms:.2f} ms)"
+  )
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: accelerator_check.py imports this module next to train_step.py's --config.
+  CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/swin_t.py", "Pretraining config: crop sizes, scales and augmentation strengths."
+  )
   app.run(main)

@@ -1,7 +1,11 @@
 r"""Speed of the real EsViT train step and of backbone inference, with MFU, on whatever devices JAX sees.
 
   python benchmarks/train_step.py --config configs/swin_t.py --per_device_batch 64
-  python benchmarks/train_step.py --config tests/configs/tiny.py --per_device_batch 2 --steps 3   # CPU smoke run
+  python benchmarks/train_step.py --config configs/demo.py --per_device_batch 8 --loop_steps 60   # CPU
+  python benchmarks/train_step.py --config tests/configs/tiny.py --per_device_batch 2 --steps 3   # smoke run
+
+(Run from the checkout's root, where the config paths point; the package must be installed, as `make install`
+does.)
 
 Reports, after warm-up: compile time, median step time, training images/s (per device and in all), peak
 device memory, MFU (esvit_jax.flops analytic FLOPs / step time / peak bf16 FLOP/s of the devices), the
@@ -9,35 +13,54 @@ XLA cost-analysis FLOPs as a cross-check, backbone-only inference images/s at th
 paper's Table 1 measure, 128 images per forward as DINO's protocol), and the host input pipeline's images/s
 on this machine's cores with the number of cores needed to feed the measured step rate.
 The batch is synthetic and already on the devices: this measures the step, not the input pipeline.
+
+In device mode (config.augment_on, the default) it also reports the augmentation inside the step: its
+XLA cost-analysis FLOPs per image against the step's, its share of the step time (the step timed with
+and without it: the host-mode step on ready crops), and the host-to-device bytes per image of both modes
+and their rate at 2,500 images/s (one H100 at 40% MFU on Swin-T). --loop_steps runs the real train loop
+(train.train_and_evaluate, real input pipeline, no evaluation) for that many steps in the config's mode
+and reports its images/s and input_wait (the fraction of the loop's wall time spent waiting for a batch);
+add --config.augment_on=host for the other mode.
 """
+
 import os
 import statistics
-import sys
+import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Runs as a script.
-from esvit_jax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from esvit_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esvit_jax import flops, models, sharding, train_step, writers
+from esvit_jax.data import device_augment
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/swin_t.py", "Pretraining config.")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/swin_t.py", "Pretraining config.")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 32, "Images per device per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _INFERENCE_BATCH = flags.DEFINE_integer("inference_batch", 128, "Images per device per inference forward.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "Host-pipeline batches timed; 0 skips it.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak bf16 TFLOP/s per device (default: known table).")
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 0, "Steps of the real train loop; 0 skips it.")
+FEED_RATE = 2500  # Images/s one H100 trains at 40% MFU on Swin-T (BENCHMARKS.md): the input it needs.
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12,
-                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-                   "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+PEAK_BF16_FLOPS = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "GH200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+}
 
 
 def peak_flops(device: jax.Device) -> tuple[float, str]:
@@ -65,14 +88,39 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
+def batch_shapes(config) -> dict[str, tuple[int, ...]]:
+  """Shapes of one global batch as the host ships it, in config.augment_on's mode."""
+  b, s = config.batch_size, config.get("canvas_size", 0)
+  if config.augment_on == "device":
+    return {"canvas": (b, s, s, 3), "image_size": (b, 2)}
+  return {
+    "globals": (b, 2, config.global_crop_size, config.global_crop_size, 3),
+    "locals": (b, config.num_local_crops, config.local_crop_size, config.local_crop_size, 3),
+  }
+
+
+def host_to_device_bytes_per_image(config) -> int:
+  """uint8 pixels, plus the int32 image size in device mode."""
+  itemsize = {"image_size": 4}
+  return sum(int(np.prod(shape[1:])) * itemsize.get(k, 1) for k, shape in batch_shapes(config).items())
+
+
 def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
-  b = config.batch_size
-  shapes = {"globals": (b, 2, config.global_crop_size, config.global_crop_size, 3),
-            "locals": (b, config.num_local_crops, config.local_crop_size, config.local_crop_size, 3)}
-  make = jax.jit(lambda key: {k: jax.random.randint(jax.random.fold_in(key, i), s, 0, 256, jnp.int32).astype(jnp.uint8)
-                              for i, (k, s) in enumerate(shapes.items())},
-                 out_shardings=sharding.batch_sharding(mesh))
-  return make(jax.random.PRNGKey(0))
+  """Random pixels; in device mode each canvas holds a 3:4 image as wide as the canvas (500 x 375-like)."""
+  shapes = batch_shapes(config)
+
+  def make(key):
+    batch = {
+      k: jax.random.randint(jax.random.fold_in(key, i), s, 0, 256, jnp.int32).astype(jnp.uint8)
+      for i, (k, s) in enumerate(shapes.items())
+      if k != "image_size"
+    }
+    if "image_size" in shapes:
+      size = jnp.array([round(0.75 * config.canvas_size), config.canvas_size], jnp.int32)
+      batch["image_size"] = jnp.broadcast_to(size, shapes["image_size"])
+    return batch
+
+  return jax.jit(make, out_shardings=sharding.batch_sharding(mesh))(jax.random.PRNGKey(0))
 
 
 def peak_memory_gib(devices) -> float | None:
@@ -89,8 +137,7 @@ def benchmark_train_step(config, mesh) -> dict[str, float]:
   t = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = _cost(compiled)
   for _ in range(_WARMUP.value):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
@@ -104,13 +151,65 @@ def benchmark_train_step(config, mesh) -> dict[str, float]:
   analytic = flops.train_step_flops(config)["step"] * config.batch_size
   peak, peak_source = peak_flops(mesh.devices.flat[0])
   return {
-      "compile_s": compile_seconds, "step_ms": 1000 * step, "train_img_s": config.batch_size / step,
-      "train_img_s_per_device": config.batch_size / step / mesh.size,
-      "peak_memory_gib": peak_memory_gib(mesh.devices.flat),
-      "analytic_gflop_per_img": analytic / config.batch_size / 1e9,
-      "xla_gflop_per_img": cost.get("flops", float("nan")) * mesh.size / config.batch_size / 1e9,
-      "mfu_percent": 100 * analytic / step / (peak * mesh.size), "peak_tflops_per_device": peak / 1e12,
-      "peak_source": peak_source, "loss": float(metrics["loss"]),
+    "compile_s": compile_seconds,
+    "step_ms": 1000 * step,
+    "train_img_s": config.batch_size / step,
+    "train_img_s_per_device": config.batch_size / step / mesh.size,
+    "peak_memory_gib": peak_memory_gib(mesh.devices.flat),
+    "analytic_gflop_per_img": analytic / config.batch_size / 1e9,
+    "xla_gflop_per_img": cost.get("flops", float("nan")) * mesh.size / config.batch_size / 1e9,
+    "mfu_percent": 100 * analytic / step / (peak * mesh.size),
+    "peak_tflops_per_device": peak / 1e12,
+    "peak_source": peak_source,
+    "loss": float(metrics["loss"]),
+  }
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def benchmark_augmentation(config, mesh) -> dict[str, float]:
+  """The device augmentation alone on the synthetic canvases: XLA GFLOP per image and median ms per step."""
+  batch = synthetic_batch(config, mesh)
+  dtype = jnp.dtype(config.compute_dtype)
+  augment = jax.jit(
+    lambda canvas, size: device_augment.multicrop(
+      canvas, size, jnp.arange(config.batch_size, dtype=jnp.int32), config, dtype
+    ),
+    out_shardings=sharding.batch_sharding(mesh),
+  )
+  compiled = augment.lower(batch["canvas"], batch["image_size"]).compile()
+  jax.block_until_ready(compiled(batch["canvas"], batch["image_size"]))
+  times = [
+    _timed(lambda: jax.block_until_ready(compiled(batch["canvas"], batch["image_size"])))
+    for _ in range(max(3, _STEPS.value))
+  ]
+  return {
+    "augment_xla_gflop_per_img": _cost(compiled).get("flops", float("nan"))
+    * mesh.size
+    / config.batch_size
+    / 1e9,
+    "augment_alone_ms": 1000 * statistics.median(times),
+  }
+
+
+def benchmark_loop(config, steps: int) -> dict[str, float]:
+  """The real train loop on config.dataset for `steps` steps (no evaluation, no checkpoint until the end):
+  images/s and input_wait, medians over the logs after the first (which holds the compilation)."""
+  from esvit_jax import train, writers  # pylint: disable=g-import-not-at-top  # TensorFlow only when used.
+
+  config = config.copy_and_resolve_references()
+  config.update(
+    total_steps=steps, eval_every_steps=0, ckpt_every_steps=steps, log_every_steps=max(1, steps // 6)
+  )
+  with tempfile.TemporaryDirectory(prefix="esvit_bench_loop_") as workdir:
+    train.train_and_evaluate(config, workdir)
+    logs = [r for r in writers.read_metrics(workdir) if "input_wait" in r][1:]
+  return {
+    "images_per_sec": statistics.median(r["images_per_sec"] for r in logs),
+    "input_wait": statistics.median(r["input_wait"] for r in logs),
   }
 
 
@@ -119,18 +218,25 @@ def benchmark_inference(config, mesh) -> float:
   model = train_step.build_model(config).backbone
   size = config.global_crop_size
   batch = _INFERENCE_BATCH.value * mesh.size
-  images = jax.device_put(jnp.zeros((batch, size, size, 3), jnp.dtype(config.compute_dtype)),
-                          sharding.batch_sharding(mesh))
-  params = jax.jit(lambda k: model.init(k, images[:1]), out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+  images = jax.device_put(
+    jnp.zeros((batch, size, size, 3), jnp.dtype(config.compute_dtype)), sharding.batch_sharding(mesh)
+  )
+  params = jax.jit(lambda k: model.init(k, images[:1]), out_shardings=sharding.replicated(mesh))(
+    jax.random.PRNGKey(0)
+  )
   forward = jax.jit(lambda p, x: model.apply(p, x)[0])
   forward(params, images).block_until_ready()
-  times = [_timed(lambda: forward(params, images).block_until_ready()) for _ in range(max(3, _STEPS.value // 2))]
+  times = [
+    _timed(lambda: forward(params, images).block_until_ready()) for _ in range(max(3, _STEPS.value // 2))
+  ]
   return batch / statistics.median(times)
 
 
 def benchmark_pipeline(config) -> float:
-  """Host multi-crop pipeline images/s per core of this machine (CPU time, so shared machines are fair)."""
+  """Host pipeline images/s per core of this machine in config.augment_on's mode, on the demo set (CPU
+  time, so shared machines are fair)."""
   from esvit_jax.data import multicrop  # pylint: disable=g-import-not-at-top  # TensorFlow only when used.
+
   config = config.copy_and_resolve_references()
   config.dataset, config.batch_size = "demo", 16
   iterator = multicrop.pretrain_dataset(config, process_index=0, process_count=1).as_numpy_iterator()
@@ -143,26 +249,51 @@ def benchmark_pipeline(config) -> float:
 
 def main(argv):
   del argv
-  config = _CONFIG.value.copy_and_resolve_references()
+  config = CONFIG.value.copy_and_resolve_references()
   mesh = sharding.make_mesh()
   config.batch_size = _PER_DEVICE_BATCH.value * mesh.size
   device = mesh.devices.flat[0]
-  print(f"{mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
-        f"{config.model.backbone} W{config.model.window_size}, 2x{config.global_crop_size} + "
-        f"{config.num_local_crops}x{config.local_crop_size} crops, K={config.model.out_dim}, "
-        f"{config.compute_dtype}, global batch {config.batch_size}")
+  backbone = models.backbone_from_config(config.model)
+  shape = f"W{backbone.window_size}" if hasattr(backbone, "window_size") else f"patch {backbone.patch_size}"
+  print(
+    f"{mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+    f"{config.model.backbone} {shape}, 2x{config.global_crop_size} + "
+    f"{config.num_local_crops}x{config.local_crop_size} crops, K={config.model.out_dim}, "
+    f"{config.compute_dtype}, global batch {config.batch_size}"
+  )
   results = benchmark_train_step(config, mesh)
+  results["host_to_device_bytes_per_img"] = host_to_device_bytes_per_image(config)
+  results[f"host_to_device_gb_s_at_{FEED_RATE}_img_s"] = (
+    results["host_to_device_bytes_per_img"] * FEED_RATE / 1e9
+  )
+  if config.augment_on == "device":
+    results.update(benchmark_augmentation(config, mesh))
+    results["augment_share_of_step_flops_percent"] = (
+      100 * results["augment_xla_gflop_per_img"] / results["xla_gflop_per_img"]
+    )
+    results["augment_share_of_analytic_step_percent"] = (
+      100 * results["augment_xla_gflop_per_img"] / results["analytic_gflop_per_img"]
+    )
+    host_mode = config.copy_and_resolve_references()
+    host_mode.augment_on = "host"
+    without = benchmark_train_step(host_mode, mesh)
+    results["step_ms_without_augment"] = without["step_ms"]
+    results["augment_share_of_step_time_percent"] = 100 * (1 - without["step_ms"] / results["step_ms"])
+    results["host_mode_host_to_device_bytes_per_img"] = host_to_device_bytes_per_image(host_mode)
   results["inference_img_s_per_device"] = benchmark_inference(config, mesh) / mesh.size
   if _PIPELINE_BATCHES.value:
     per_core = benchmark_pipeline(config)
     results["pipeline_img_s_per_core"] = per_core
     results["cores_to_feed_step"] = results["train_img_s"] / per_core
     results["host_cores"] = os.cpu_count()
-  width = max(map(len, results))
-  print(f"\n{'field':<{width}}  value\n{'-' * width}  -----")
-  for name, value in results.items():
-    shown = "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-    print(f"{name:<{width}}  {shown}")
+  print_results(results)
+  if _LOOP_STEPS.value:
+    looped = benchmark_loop(config, _LOOP_STEPS.value)
+    print_results({f"loop_{config.augment_on}_mode_{name}": value for name, value in looped.items()})
+
+
+def print_results(results: dict) -> None:
+  print("\n" + writers.fields_table(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The EsViT pretraining recipe shared by every pretraining config (esvit_spec.md section 4.1)."""
+"""The EsViT pretraining recipe shared by every pretraining config (docs/fidelity.md: what it reproduces)."""
+
 import ml_collections
 
+from esvit_jax import errors
 from esvit_jax.data import constants
 
 
@@ -10,9 +12,12 @@ def parse_arg(arg: str | None, **defaults):
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise errors.UserError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
     kind = type(defaults[key])
-    parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    try:
+      parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    except ValueError as e:
+      raise errors.UserError(f"Config argument {key}={value!r} is not of type {kind.__name__}.") from e
   return parsed
 
 
@@ -36,6 +41,10 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.local_crop_scale = (0.05, 0.4)
   config.color_jitter = tuple(constants.JITTER_STRENGTH.values())  # Brightness, contrast, saturation, hue.
   config.blur_sigma = constants.BLUR_SIGMA  # Range of the Gaussian blur's sigma, in crop pixels.
+  # 'device': the host decodes each image into a canvas and the train step makes the crops (the default);
+  # 'host': the host makes them with the PIL-exact TensorFlow ops (the reference, and slower).
+  config.augment_on = "device"
+  config.canvas_size = 512  # Device mode: images are shrunk to fit this square (500 x 375 fits whole).
   config.eval_resize = 256
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000
@@ -86,8 +95,11 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.eval_every_steps = 25_000  # Periodic k-NN on a held-out split; 0 disables it.
   config.knn_k = 20
   config.knn_temperature = 0.07
+  config.knn_matmul_precision = "highest"  # The monitor's matmuls, as configs/knn.py's matmul_precision.
   config.knn_train_examples = 50_000  # Examples of the train split used as the k-NN memory bank.
   config.knn_eval_examples = 10_000
   config.eval_batch_size = 256  # Global batch of feature extraction.
   config.profile_steps = 0  # > 0: trace that many steps after the first few.
+  # Warn (once) when the teacher's output stays near-uniform or near one-hot this many log intervals.
+  config.collapse_patience = 10
   return config

@@ -1,10 +1,11 @@
-r"""Weighted k-NN evaluation of a pretrained backbone (DINO protocol, esvit_spec.md section 5.2).
+r"""Weighted k-NN evaluation of a pretrained backbone (DINO protocol).
 
   python main.py --config configs/knn.py --config.pretrained=PATH --config.dataset=imagenet2012 --workdir DIR
 
 PATH is an export directory (WORKDIR/export, `python -m esvit_jax.export`, `python -m esvit_jax.convert`)
 or a pretraining workdir (its latest checkpoint's teacher). Writes DIR/results.json.
 """
+
 import ml_collections
 
 
@@ -26,5 +27,8 @@ def get_config(arg: str | None = None):
   config.ks = (10, 20, 100, 200)
   config.temperature = 0.07
   config.compute_dtype = "float32"
+  # Every matmul of the evaluation (features, similarities, probe) in full float32, as the official
+  # code, whatever the accelerator's default (TF32 on GPUs, one bfloat16 pass on TPUs).
+  config.matmul_precision = "highest"
   config.seed = 0
   return config

@@ -1,4 +1,4 @@
-r"""Linear probe on frozen features of the last 4 blocks (the paper's protocol, esvit_spec.md section 5.1).
+r"""Linear probe on frozen features of the last 4 blocks (the paper's protocol).
 
   python main.py --config configs/linear_probe.py --config.pretrained=PATH --workdir DIR
 
@@ -7,6 +7,7 @@ the frozen teacher backbone (2304-d for Swin-T/S, 3072-d for Swin-B), lr = confi
 per-epoch cosine schedule, 100 epochs, top-1 on the validation split after every epoch; the best and
 the last are reported in DIR/results.json. The official runs tuned lr per model (0.001 to 0.003).
 """
+
 import ml_collections
 
 
@@ -26,6 +27,7 @@ def get_config(arg: str | None = None):
   config.eval_crop_size = 224
   config.shuffle_buffer = 10_000
   config.n_last_blocks = 4
+  config.avgpool_patchtokens = False  # ViT only: append the mean patch token (DINO's ViT-B: n_last_blocks=1).
   config.batch_size = 1024
   config.eval_batch_size = 1024
   config.epochs = 100
@@ -33,6 +35,9 @@ def get_config(arg: str | None = None):
   config.momentum = 0.9
   config.weight_decay = 0.0
   config.compute_dtype = "float32"
+  # Every matmul of the evaluation (features, similarities, probe) in full float32, as the official
+  # code, whatever the accelerator's default (TF32 on GPUs, one bfloat16 pass on TPUs).
+  config.matmul_precision = "highest"
   config.log_every_steps = 100
   config.keep_ckpts = 2
   config.seed = 0

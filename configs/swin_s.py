@@ -1,8 +1,9 @@
 r"""EsViT swin_small pretraining on ImageNet-1K with the published recipe.
 
-  python main.py --config configs/swin_s.py --workdir DIR
-  python main.py --config configs/swin_s.py:window=14 --workdir DIR   # the W=14 variant
+python main.py --config configs/swin_s.py --workdir DIR
+python main.py --config configs/swin_s.py:window=14 --workdir DIR   # the W=14 variant
 """
+
 from configs import common
 
 

@@ -7,124 +7,187 @@ The directory holds the teacher backbone only (the heads are training machinery)
 of pretraining, by `python -m esvit_jax.export WORKDIR OUT [--step N]` from any checkpoint, and by the
 PyTorch converter; load_pretrained also reads a training workdir directly (its latest checkpoint's teacher).
 """
+
 import argparse
 import json
 import os
 from typing import Any
 
+from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 
-from esvit_jax import checkpointing
-from esvit_jax import sharding as sharding_lib
-from esvit_jax import train_step
-from esvit_jax.models.swin import SwinTransformer
+from esvit_jax import checkpointing, cli
+from esvit_jax.errors import NotFoundError, UserError
+from esvit_jax.models import backbones
 
 FORMAT = "esvit_jax.backbone.v1"
-ARCHITECTURE_FIELDS = ("embed_dim", "depths", "num_heads", "window_size", "image_size", "patch_size", "mlp_ratio")
-
-
-def architecture(backbone: SwinTransformer) -> dict[str, Any]:
-  """The fields that define a backbone's parameters and computation (not dtype, drop path or remat)."""
-  fields = {f: getattr(backbone, f) for f in ARCHITECTURE_FIELDS}
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-
-
-def backbone_from_architecture(arch: dict[str, Any], dtype: Any = jnp.float32) -> SwinTransformer:
-  """The evaluation-mode backbone (no drop path) of an exported architecture."""
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k in ARCHITECTURE_FIELDS}
-  return SwinTransformer(**fields, drop_path_rate=0.0, dtype=dtype)
 
 
 def is_export(path: str | os.PathLike) -> bool:
+  """Whether `path` is an export directory (it holds model.json).
+
+  Args:
+    path: any directory.
+
+  Returns:
+    True for an export directory.
+  """
   return (epath.Path(path) / "model.json").exists()
 
 
-def save_backbone(directory: str | os.PathLike, backbone: SwinTransformer, params: Any, *,
-                  source: str = "") -> None:
-  """Writes the export directory; a collective call on multi-host runs (every process calls it)."""
+def save_backbone(
+  directory: str | os.PathLike, backbone: nn.Module, params: Any, *, source: str = ""
+) -> None:
+  """Writes the export directory; a collective call on multi-host runs (every process calls it).
+
+  Args:
+    directory: the export directory (created if missing; params/ is overwritten).
+    backbone: the backbone module, whose architecture goes to model.json.
+    params: its parameters.
+    source: where the weights came from, recorded in model.json.
+  """
   directory = checkpointing.orbax_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    meta = {"format": FORMAT, "architecture": architecture(backbone), "source": str(source)}
+    meta = {"format": FORMAT, "architecture": backbones.architecture(backbone), "source": str(source)}
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_backbone(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
-                  sharding: jax.sharding.Sharding | None = None) -> tuple[SwinTransformer, Any]:
-  """Reads an export directory; parameters are placed with `sharding` (default: the first device)."""
+def load_backbone(
+  directory: str | os.PathLike, *, dtype: Any = jnp.float32, sharding: jax.sharding.Sharding | None = None
+) -> tuple[nn.Module, Any]:
+  """Reads an export directory; parameters are placed with `sharding` (default: the first device).
+
+  Args:
+    directory: the export directory.
+    dtype: compute dtype of the returned module.
+    sharding: where the parameters go.
+
+  Returns:
+    The evaluation-mode backbone and its parameters.
+  """
   directory = checkpointing.orbax_path(directory)
   meta_path = directory / "model.json"
   if not meta_path.exists():
-    raise FileNotFoundError(f"{directory} is not an exported backbone: {meta_path} is missing.")
+    raise NotFoundError(f"{directory} is not an exported backbone: {meta_path} is missing.")
   meta = json.loads(meta_path.read_text())
   if meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT!r}.")
-  model = backbone_from_architecture(meta["architecture"], dtype)
+    raise UserError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT!r}.")
+  model = backbones.from_architecture(meta["architecture"], dtype)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  size = model.image_size
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-  params = ocp.StandardCheckpointer().restore(directory / "params", target)
+  params = ocp.StandardCheckpointer().restore(directory / "params", _abstract_params(model, sharding))
   return model, params
 
 
-def teacher_from_workdir(workdir: str | os.PathLike, *, step: int | None = None, dtype: Any = jnp.float32,
-                         sharding: jax.sharding.Sharding | None = None) -> tuple[SwinTransformer, Any]:
-  """The teacher backbone of a pretraining checkpoint (the latest unless `step` is given)."""
+def _abstract_params(model: nn.Module, sharding: jax.sharding.Sharding) -> Any:
+  size = model.image_size
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def teacher_from_workdir(
+  workdir: str | os.PathLike,
+  *,
+  step: int | None = None,
+  dtype: Any = jnp.float32,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[nn.Module, Any]:
+  """The teacher backbone of a pretraining checkpoint (the latest unless `step` is given).
+
+  Only the teacher's backbone is read from the checkpoint (an Orbax partial restore): no optimizer, train
+  state or heads are built, so loading needs the model code alone.
+
+  Args:
+    workdir: a pretraining workdir (config.json and checkpoints/).
+    step: the checkpoint to read (None: the latest).
+    dtype: compute dtype of the returned module.
+    sharding: where the parameters go (default: the first device).
+
+  Returns:
+    The evaluation-mode backbone and the teacher's backbone parameters.
+  """
   workdir = epath.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  config.sharding = "data"  # Restore replicated, whatever the run used.
-  mesh = sharding_lib.make_mesh()
-  target = train_step.abstract_train_state(config, mesh, steps_per_epoch=1)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise NotFoundError(
+      f"{workdir} is not a pretraining workdir: {config_path} is missing (main.py "
+      "writes it with the checkpoints in the --workdir of a pretraining run)."
+    )
+  if not (workdir / "checkpoints").exists():  # Checked first: the Checkpointer would create the directory.
+    raise NotFoundError(
+      f"{workdir} holds no checkpoint to take a teacher from: {workdir / 'checkpoints'} is missing."
+    )
+  config = json.loads(config_path.read_text())
   checkpointer = checkpointing.Checkpointer(workdir)
   steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint to take a teacher from.")
-  if step is None:
-    state, _ = checkpointer.restore_latest(target)
-  elif step in steps:
-    state, _ = checkpointer.restore(step, target)
-  else:
-    raise ValueError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
   checkpointer.close()
-  backbone = train_step.build_model(config).backbone
+  if not steps:
+    raise NotFoundError(f"{workdir} holds no checkpoint to take a teacher from.")
+  if step is not None and step not in steps:
+    raise UserError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
+  student = backbones.backbone_from_config(config["model"])
+  model = backbones.from_architecture(backbones.architecture(student), dtype)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = jax.device_put(jax.device_get(state.teacher_params["backbone"]), sharding)
-  return backbone_from_architecture(architecture(backbone), dtype), params
+  target = {"teacher_params": {"backbone": _abstract_params(model, sharding)}}
+  state_dir = checkpointer.directory / str(steps[-1] if step is None else step) / "state"
+  restored = ocp.PyTreeCheckpointer().restore(
+    state_dir,
+    args=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    ),
+  )
+  return model, restored["teacher_params"]["backbone"]
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
-                    sharding: jax.sharding.Sharding | None = None) -> tuple[SwinTransformer, Any]:
-  """(model, params) from an export directory or a pretraining workdir, ready for model.apply."""
+def load_pretrained(
+  path: str | os.PathLike, *, dtype: Any = jnp.float32, sharding: jax.sharding.Sharding | None = None
+) -> tuple[nn.Module, Any]:
+  """(model, params) from an export directory or a pretraining workdir, ready for model.apply.
+
+  Args:
+    path: an export directory (model.json + params/) or a pretraining workdir (its latest checkpoint's
+      teacher backbone, read alone).
+    dtype: compute dtype of the returned module.
+    sharding: where the parameters go (default: the first device).
+
+  Returns:
+    The evaluation-mode backbone (SwinTransformer or VisionTransformer) and its parameters.
+  """
   path = epath.Path(path)
   if is_export(path):
     return load_backbone(path, dtype=dtype, sharding=sharding)
   if (path / "config.json").exists() and (path / "checkpoints").exists():
     return teacher_from_workdir(path, dtype=dtype, sharding=sharding)
-  raise FileNotFoundError(
-      f"{path} is neither an exported backbone (with model.json) nor a pretraining workdir (with config.json "
-      "and checkpoints/).")
+  raise NotFoundError(
+    f"{path} is neither an exported backbone (with model.json) nor a pretraining workdir (with config.json "
+    "and checkpoints/)."
+  )
 
 
 def main(argv: list[str] | None = None) -> None:
+  """`python -m esvit_jax.export WORKDIR OUT [--step N]`: exports a checkpoint's teacher backbone.
+
+  Args:
+    argv: the command-line arguments (None: sys.argv[1:]).
+  """
   parser = argparse.ArgumentParser(
-      prog="python -m esvit_jax.export",
-      description="Write the teacher backbone of a pretraining checkpoint as an export directory.")
+    prog="python -m esvit_jax.export",
+    description="Write the teacher backbone of a pretraining checkpoint as an export directory.",
+  )
   parser.add_argument("workdir", help="a pretraining workdir")
   parser.add_argument("out", help="the export directory to write")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = parser.parse_args(argv)
   model, params = teacher_from_workdir(args.workdir, step=args.step)
   save_backbone(args.out, model, params, source=f"{args.workdir} step {args.step or 'latest'} (teacher)")
-  print(f"Wrote {args.out}: {json.dumps(architecture(model))}")
+  print(f"Wrote {args.out}: {json.dumps(backbones.architecture(model))}")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""The EsViT objective: view-level DINO loss plus region-matching loss (esvit_spec.md section 3).
+"""The EsViT objective: view-level DINO loss plus region-matching loss (docs/fidelity.md, Objective).
 
 Teacher views t are the 2 global crops; student views v are all crops, globals first. Over the pairs
 v != t (18 for 2 + 8 crops), with P = softmax((teacher - c) / tau_t) and log Q = log_softmax(student / tau_s):
@@ -12,7 +12,8 @@ so no gathered [B, T, K] target is ever built, and each student log_softmax is c
 teacher views. Softmaxes, losses and contractions run in float32 at full matmul precision. Everything on
 the teacher side, and the argmax matching, carries no gradient.
 """
-from typing import Mapping, Sequence
+
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,28 +22,62 @@ _EINSUM = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.f
 
 
 def teacher_log_probs(logits: jax.Array, center: jax.Array, temp: jax.Array) -> jax.Array:
-  """Centred and sharpened teacher targets, log softmax((logits - center) / temp), no gradient."""
+  """Centred and sharpened teacher targets, log softmax((logits - center) / temp), no gradient.
+
+  Args:
+    logits: teacher head outputs [..., K], any dtype.
+    center: [1, K] running centre.
+    temp: scalar teacher temperature.
+
+  Returns:
+    float32 log-probabilities, the shape of logits.
+  """
   logits = jax.lax.stop_gradient(logits.astype(jnp.float32) - center)
   return jax.nn.log_softmax(logits / temp, axis=-1)
 
 
 def student_log_probs(logits: jax.Array, temp: float) -> jax.Array:
+  """Student log-probabilities, log softmax(logits / temp) in float32.
+
+  Args:
+    logits: student head outputs [..., K], any dtype.
+    temp: student temperature.
+
+  Returns:
+    float32 log-probabilities, the shape of logits.
+  """
   return jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-  """F.normalize(x, dim=-1): x / max(||x||, 1e-12)."""
+  """F.normalize(x, dim=-1): x / max(||x||, 1e-12).
+
+  Args:
+    x: [..., D], any float dtype.
+
+  Returns:
+    float32, the shape of x, unit norm on the last axis.
+  """
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def view_cross_entropy(teacher_probs: jax.Array, student_logp: jax.Array) -> jax.Array:
-  """H(P_t, Q_v) for every teacher view t and student view v: [B, T, K], [B, V, K] -> [B, T, V]."""
+  """H(P_t, Q_v) for every teacher view t and student view v: [B, T, K], [B, V, K] -> [B, T, V].
+
+  Args:
+    teacher_probs: [B, T, K] teacher targets.
+    student_logp: [B, V, K] student log-probabilities.
+
+  Returns:
+    [B, T, V] float32 cross-entropies.
+  """
   return -jnp.einsum("btk,bvk->btv", teacher_probs, student_logp, **_EINSUM)
 
 
-def region_cross_entropy(teacher_probs: jax.Array, teacher_features: jax.Array,
-                         student_logp: jax.Array, student_features: jax.Array) -> jax.Array:
+def region_cross_entropy(
+  teacher_probs: jax.Array, teacher_features: jax.Array, student_logp: jax.Array, student_features: jax.Array
+) -> jax.Array:
   """Region-matching CE for every (t, v), averaged over the student tokens.
 
   Args:
@@ -53,8 +88,9 @@ def region_cross_entropy(teacher_probs: jax.Array, teacher_features: jax.Array,
   Returns:
     [B, T, V] cross-entropies.
   """
-  similarity = jnp.einsum("bvjc,btic->btvji", l2_normalize(student_features),
-                          l2_normalize(teacher_features), **_EINSUM)
+  similarity = jnp.einsum(
+    "bvjc,btic->btvji", l2_normalize(student_features), l2_normalize(teacher_features), **_EINSUM
+  )
   # One-hot of an argmax: the matching passes no gradient to the student features.
   match = jax.nn.one_hot(jnp.argmax(similarity, axis=-1), similarity.shape[-1])  # [B, T, V, J, I]
   ce_all = -jnp.einsum("btik,bvjk->btvji", teacher_probs, student_logp, **_EINSUM)
@@ -70,20 +106,35 @@ def _pair_mean(ce_per_group: Sequence[jax.Array]) -> jax.Array:
 
 
 def entropy(log_probs: jax.Array) -> jax.Array:
-  """Mean entropy of the distributions on the last axis."""
+  """Mean entropy of the distributions on the last axis.
+
+  Args:
+    log_probs: [..., K] log-probabilities.
+
+  Returns:
+    The scalar mean entropy in nats.
+  """
   return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
 
 
-def esvit_loss(student_outputs: Sequence[Mapping[str, jax.Array]], teacher_output: Mapping[str, jax.Array],
-               center: jax.Array, region_center: jax.Array, *, teacher_temp: jax.Array,
-               student_temp: float, region_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def esvit_loss(
+  student_outputs: Sequence[Mapping[str, jax.Array]],
+  teacher_output: Mapping[str, jax.Array],
+  center: jax.Array,
+  region_center: jax.Array,
+  *,
+  teacher_temp: jax.Array,
+  student_temp: float,
+  region_loss_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The EsViT (or, with region_loss_weight 0, DINO) loss of one batch.
 
   Args:
     student_outputs: one dict per crop group (globals first), as returned by the model: 'view_logits'
       [B, n, K] and, with the region loss, 'region_logits' [B, n, N, K] and 'region_features' [B, n, N, C].
     teacher_output: the same dict for the teacher's single group of 2 global crops.
-    center: [1, K] view centre. region_center: [1, K] region centre (unused when the weight is 0).
+    center: [1, K] view centre.
+    region_center: [1, K] region centre (unused when the weight is 0).
     teacher_temp: scalar teacher temperature of the current epoch.
     student_temp: student temperature (0.1).
     region_loss_weight: w in (1 - w) * view + w * region.
@@ -92,17 +143,30 @@ def esvit_loss(student_outputs: Sequence[Mapping[str, jax.Array]], teacher_outpu
   """
   teacher_logp = teacher_log_probs(teacher_output["view_logits"], center, teacher_temp)
   teacher_probs = jnp.exp(teacher_logp)
-  view = _pair_mean([view_cross_entropy(teacher_probs, student_log_probs(out["view_logits"], student_temp))
-                     for out in student_outputs])
+  view = _pair_mean(
+    [
+      view_cross_entropy(teacher_probs, student_log_probs(out["view_logits"], student_temp))
+      for out in student_outputs
+    ]
+  )
   aux = {"view_loss": view, "teacher_entropy": entropy(teacher_logp)}
   if not region_loss_weight:
     return view, aux
-  teacher_region_probs = jnp.exp(teacher_log_probs(teacher_output["region_logits"], region_center, teacher_temp))
+  teacher_region_probs = jnp.exp(
+    teacher_log_probs(teacher_output["region_logits"], region_center, teacher_temp)
+  )
   teacher_features = jax.lax.stop_gradient(teacher_output["region_features"])
-  region = _pair_mean([
-      region_cross_entropy(teacher_region_probs, teacher_features,
-                           student_log_probs(out["region_logits"], student_temp), out["region_features"])
-      for out in student_outputs])
+  region = _pair_mean(
+    [
+      region_cross_entropy(
+        teacher_region_probs,
+        teacher_features,
+        student_log_probs(out["region_logits"], student_temp),
+        out["region_features"],
+      )
+      for out in student_outputs
+    ]
+  )
   aux["region_loss"] = region
   return (1 - region_loss_weight) * view + region_loss_weight * region, aux
 
@@ -111,6 +175,14 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float)
   """EMA of the global-batch mean of the teacher logits over all rows (batch, views and tokens).
 
   Inside jit the mean over a batch-sharded array is already the all-reduced global mean.
+
+  Args:
+    center: [1, K] current centre.
+    teacher_logits: [..., K] teacher head outputs of the batch.
+    momentum: the EMA's weight of the old centre.
+
+  Returns:
+    The new [1, K] float32 centre.
   """
   logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   batch_center = jnp.mean(logits.reshape(-1, logits.shape[-1]), axis=0, keepdims=True)

@@ -1,11 +1,12 @@
-"""The EsViT schedules as traced functions of the global step (esvit_spec.md sections 3 and 4.2).
+"""The EsViT schedules as traced functions of the global step (docs/fidelity.md, Schedules and optimizer).
 
 Each function gives, element by element, the array that the official code precomputes on the host
 (`utils.cosine_scheduler`, `DDINOLoss.teacher_temp_schedule`), but from a traced step count: the jitted
 train step needs no 750k-entry host table and never recompiles as the values move.
 """
+
+from collections.abc import Callable
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +15,24 @@ import ml_collections
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
 
-def cosine_schedule(base_value: float, final_value: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> Schedule:
+def cosine_schedule(
+  base_value: float, final_value: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> Schedule:
   """`utils.cosine_scheduler`: linspace(warmup_start, base, warmup) then cosine base -> final.
 
   The cosine part is final + (base - final) / 2 * (1 + cos(pi * i / n)) for i in 0..n-1 with
   n = total - warmup, so its last value stops short of `final_value`, exactly as in the official array.
   Steps past the end keep the last value.
+
+  Args:
+    base_value: the value at the end of the warmup (the cosine's start).
+    final_value: the value the cosine heads to.
+    total_steps: length of the whole schedule.
+    warmup_steps: length of the linear warmup.
+    warmup_start: the value at step 0 of the warmup.
+
+  Returns:
+    The schedule: step (traced or not) -> float32 value.
   """
   warmup_span = max(warmup_steps - 1, 1)  # np.linspace(a, b, w) steps by (b - a) / (w - 1).
   cosine_steps = max(total_steps - warmup_steps, 1)
@@ -37,9 +49,20 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int, war
   return schedule
 
 
-def epoch_warmup_schedule(start_value: float, final_value: float, warmup_epochs: int,
-                          steps_per_epoch: int) -> Schedule:
-  """Teacher temperature: linspace(start, final, warmup_epochs) indexed by epoch, then constant."""
+def epoch_warmup_schedule(
+  start_value: float, final_value: float, warmup_epochs: int, steps_per_epoch: int
+) -> Schedule:
+  """Teacher temperature: linspace(start, final, warmup_epochs) indexed by epoch, then constant.
+
+  Args:
+    start_value: the value of epoch 0.
+    final_value: the value from epoch warmup_epochs - 1 on.
+    warmup_epochs: length of the warmup in epochs.
+    steps_per_epoch: optimizer steps in one epoch.
+
+  Returns:
+    The schedule: step (traced or not) -> float32 value.
+  """
   warmup_span = max(warmup_epochs - 1, 1)
 
   def schedule(step):
@@ -57,6 +80,7 @@ class Schedules:
   The teacher momentum m is held as its distance to 1, `teacher_ema_rate` = 1 - m, the step size of the
   EMA: m goes to 1, where float32 keeps too few digits of 1 - m.
   """
+
   learning_rate: Schedule
   weight_decay: Schedule
   teacher_ema_rate: Schedule
@@ -64,23 +88,48 @@ class Schedules:
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """config.total_steps when set, else epochs * steps_per_epoch (the official len(schedule))."""
+  """config.total_steps when set, else epochs * steps_per_epoch (the official len(schedule)).
+
+  Args:
+    config: the run's config (total_steps, epochs).
+    steps_per_epoch: optimizer steps in one epoch.
+
+  Returns:
+    The number of optimizer steps of the run.
+  """
   return config.total_steps or config.epochs * steps_per_epoch
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """The linear scaling rule: config.lr is the rate for a global batch of 256."""
+  """The linear scaling rule: config.lr is the rate for a global batch of 256.
+
+  Args:
+    config: the run's config (lr, batch_size: the global batch).
+
+  Returns:
+    The peak learning rate.
+  """
   return config.lr * config.batch_size / 256
 
 
 def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedules:
-  """The lr, weight-decay, teacher-momentum and teacher-temperature schedules of `config`."""
+  """The lr, weight-decay, teacher-momentum and teacher-temperature schedules of `config`.
+
+  Args:
+    config: the pretraining config.
+    steps_per_epoch: optimizer steps in one epoch.
+
+  Returns:
+    The four schedules.
+  """
   steps = total_steps(config, steps_per_epoch)
   return Schedules(
-      learning_rate=cosine_schedule(peak_learning_rate(config), config.min_lr, steps,
-                                    warmup_steps=config.warmup_epochs * steps_per_epoch),
-      weight_decay=cosine_schedule(config.weight_decay, config.weight_decay_end, steps),
-      teacher_ema_rate=cosine_schedule(1.0 - config.momentum_teacher, 0.0, steps),
-      teacher_temp=epoch_warmup_schedule(config.warmup_teacher_temp, config.teacher_temp,
-                                         config.warmup_teacher_temp_epochs, steps_per_epoch),
+    learning_rate=cosine_schedule(
+      peak_learning_rate(config), config.min_lr, steps, warmup_steps=config.warmup_epochs * steps_per_epoch
+    ),
+    weight_decay=cosine_schedule(config.weight_decay, config.weight_decay_end, steps),
+    teacher_ema_rate=cosine_schedule(1.0 - config.momentum_teacher, 0.0, steps),
+    teacher_temp=epoch_warmup_schedule(
+      config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs, steps_per_epoch
+    ),
   )

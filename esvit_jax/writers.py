@@ -3,18 +3,26 @@
 metrics.jsonl holds one JSON object per write ({"step": s, name: value, ...}): easy to read by people,
 scripts and tests, and appended to across restarts (a resumed run continues the same file).
 """
+
+from collections.abc import Mapping
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
-import jax
-import numpy as np
 from clu import metric_writers
 from etils import epath
+import jax
+import numpy as np
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends scalars (and hyper-parameters) to a JSON-lines file; other summaries are not kept."""
+  """Appends scalars (and hyper-parameters) to a JSON-lines file; other summaries are not kept.
+
+  Its public methods implement clu's metric_writers.MetricWriter interface and are documented there.
+
+  Args:
+    path: the JSON-lines file, created on the first write and appended to afterwards.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self._path = epath.Path(path)
@@ -27,8 +35,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._append({"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}})
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    self._append({"hparams": {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                              for k, v in hparams.items()}})
+    self._append(
+      {"hparams": {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}}
+    )
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -56,18 +65,67 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
-  """Process 0 writes TensorBoard events and metrics.jsonl; every process logs to the console."""
+  """Process 0 writes TensorBoard events and metrics.jsonl; every process logs to the console.
+
+  Args:
+    workdir: the run's directory, where the events and metrics.jsonl go.
+
+  Returns:
+    The writer to give every metric of the run.
+  """
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
-  return metric_writers.MultiWriter([
+  return metric_writers.MultiWriter(
+    [
       metric_writers.create_default_writer(workdir, asynchronous=True),
       JsonlWriter(epath.Path(workdir) / "metrics.jsonl"),
-  ])
+    ]
+  )
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The scalar records of metrics.jsonl, in the order they were written."""
+  """The scalar records of metrics.jsonl, in the order they were written.
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    One {"step": s, name: value, ...} dict per write (hyper-parameter records left out); [] without a file.
+  """
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   return [r for r in map(json.loads, path.read_text().splitlines()) if "step" in r]
+
+
+def fields_table(fields: Mapping[str, Any], digits: int = 3) -> str:
+  """A two-column name / value table of a flat dict, for results and benchmarks printed to a terminal.
+
+  Args:
+    fields: name -> value (None prints as n/a).
+    digits: decimals of float values.
+
+  Returns:
+    The table as text, one line per field under a header.
+  """
+
+  def shown(value):
+    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+  width = max(map(len, fields), default=5)
+  lines = [f"{'field':<{width}}  value", f"{'-' * width}  -----"]
+  return "\n".join(lines + [f"{name:<{width}}  {shown(value)}" for name, value in fields.items()])
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  """A Markdown table (numbers right-aligned), ready to paste into BENCHMARKS.md.
+
+  Args:
+    header: column titles.
+    rows: one list of cells per row; cells are printed with str().
+
+  Returns:
+    The table as text.
+  """
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(t) + 1) + ":" for t in header) + "|"]
+  return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])

@@ -4,7 +4,9 @@ XLA's optimisation passes cost more than they save on the tiny models of the sui
 them off (as Flax's own example tests do) cuts the suite's CPU time by about 40%. A compilation cache
 shared by the session and the processes it starts compiles each distinct program once: the tests that run
 main.py again and again (resume, preemption, faults) would otherwise recompile the same train step.
+Tests marked `slow` start processes (main.py, installs, scripts); `make test-fast` leaves them out.
 """
+
 import os
 import shutil
 import tempfile
@@ -15,9 +17,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Made by the process that starts the session; xdist workers and subprocesses inherit the variable.
-_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="esvit_jax_test_xla_cache_")
-if _OWN_CACHE:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="esvit_jax_test_xla_cache_")
+# The processes that tests start (main.py, python -m esvit_jax.*, the benchmarks) import this checkout's
+# esvit_jax, whether or not it is installed (tests/test_packaging.py checks the installed package alone).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+  os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument

@@ -1,4 +1,5 @@
 """Checkpoint damage is detected and skipped; a workdir cannot be used by two runs at once."""
+
 import glob
 import os
 import shutil
@@ -25,7 +26,9 @@ def target():
 def _workdir(tmp_path):
   checkpointer = checkpointing.Checkpointer(tmp_path, keep=5)
   for step in (2, 4):
-    checkpointer.save(step, jax.tree.map(lambda x: x * step, STATE), {"input_position": step}, force=True)
+    checkpointer.save(
+      step, jax.tree.map(lambda x, s=step: x * s, STATE), {"input_position": step}, force=True
+    )
   checkpointer.wait()
   checkpointer.close()
   return tmp_path
@@ -71,7 +74,9 @@ def test_undamaged_latest_checkpoint_is_restored(workdir):
 def test_all_checkpoints_damaged_refuses_to_start_from_scratch(workdir):
   for step in (2, 4):
     truncate_files(workdir / "checkpoints" / str(step))
-  with pytest.raises(checkpointing.CheckpointError, match="none could be restored. Refusing to start from scratch"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match="none could be restored. Refusing to start from scratch"
+  ):
     checkpointing.Checkpointer(workdir).restore_latest(target())
 
 
@@ -79,6 +84,7 @@ def test_empty_workdir_starts_from_scratch(tmp_path):
   assert checkpointing.Checkpointer(tmp_path).restore_latest(target()) is None
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused_in_process_and_across_processes(tmp_path):
   with checkpointing.workdir_lock(tmp_path):
     with pytest.raises(RuntimeError, match="Another run is using workdir"):

@@ -1,7 +1,11 @@
 """The fault-injection loop, short: kills at random moments (some during checkpoint saves) lose nothing."""
+
+import pytest
+
 from benchmarks import faults
 
 
+@pytest.mark.slow
 def test_random_kills_and_resumes_end_in_the_uninterrupted_state(tmp_path):
   results = faults.run(kills=3, steps=12, seed=0, workdir_root=str(tmp_path))
   assert results["kills"] == 3 and results["resumes_succeeded"] == 3

@@ -1,4 +1,5 @@
 """Analytic FLOPs (esvit_jax/flops.py): a Swin block by hand, published backbone costs, and XLA's count."""
+
 import subprocess
 import sys
 
@@ -6,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import swin_t
-from esvit_jax import flops
-from esvit_jax import sharding
-from esvit_jax import train_step
+from configs import swin_t, vit_base, vit_s16
+from esvit_jax import flops, sharding, train_step
+from esvit_jax.models import backbones
+from tests import test_vit
 from tests.configs import tiny
 from tests.test_train import ROOT
 
@@ -39,25 +40,94 @@ def test_swin_tiny_backbone_cost_matches_the_published_4_5_gmacs(size, published
 def test_train_step_flops_within_10_percent_of_xla_cost_analysis():
   config = tiny.get_config()
   config.model.update(embed_dim=96, out_dim=2048, hidden_dim=512, bottleneck_dim=64)  # Matmuls dominate.
-  config.batch_size = 8
+  config.batch_size, config.augment_on = 8, "host"  # The model's FLOPs: the batch holds the crops.
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = train_step.abstract_train_state(config, mesh, steps_per_epoch=100)
-  batch = {"globals": jax.ShapeDtypeStruct((8, 2, 32, 32, 3), np.uint8),
-           "locals": jax.ShapeDtypeStruct((8, 2, 16, 16, 3), np.uint8)}
-  cost = train_step.make_train_step(config, mesh, steps_per_epoch=100).lower(state, batch).compile().cost_analysis()
+  batch = {
+    "globals": jax.ShapeDtypeStruct((8, 2, 32, 32, 3), np.uint8),
+    "locals": jax.ShapeDtypeStruct((8, 2, 16, 16, 3), np.uint8),
+  }
+  cost = (
+    train_step.make_train_step(config, mesh, steps_per_epoch=100)
+    .lower(state, batch)
+    .compile()
+    .cost_analysis()
+  )
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   analytic = flops.train_step_flops(config)["step"] * config.batch_size
   assert analytic == pytest.approx(cost["flops"], rel=0.10)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_the_tiny_config_and_prints_every_field():
-  cmd = [sys.executable, "benchmarks/train_step.py", "--config", "tests/configs/tiny.py", "--per_device_batch=1",
-         "--steps=2", "--warmup=1", "--inference_batch=2", "--pipeline_batches=2"]
+  cmd = [
+    sys.executable,
+    "benchmarks/train_step.py",
+    "--config",
+    "tests/configs/tiny.py",
+    "--per_device_batch=1",
+    "--steps=2",
+    "--warmup=1",
+    "--inference_batch=2",
+    "--pipeline_batches=2",
+  ]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  table = dict(line.split(None, 1) for line in done.stdout.splitlines()[-18:] if line and not line.startswith("-"))
-  for field in ("compile_s", "step_ms", "train_img_s", "train_img_s_per_device", "peak_memory_gib",
-                "analytic_gflop_per_img", "xla_gflop_per_img", "mfu_percent", "peak_tflops_per_device",
-                "inference_img_s_per_device", "pipeline_img_s_per_core", "cores_to_feed_step"):
+  lines = done.stdout.splitlines()
+  header = max(i for i, line in enumerate(lines) if line.split() == ["field", "value"])  # The results table.
+  table = dict(line.split(None, 1) for line in lines[header + 2 :] if line.strip())
+  for field in (
+    "compile_s",
+    "step_ms",
+    "train_img_s",
+    "train_img_s_per_device",
+    "peak_memory_gib",
+    "analytic_gflop_per_img",
+    "xla_gflop_per_img",
+    "mfu_percent",
+    "peak_tflops_per_device",
+    "inference_img_s_per_device",
+    "pipeline_img_s_per_core",
+    "cores_to_feed_step",
+  ):
     assert field in table, (field, done.stdout[-2000:])
   assert float(table["train_img_s"]) > 0 and 0 < float(table["mfu_percent"]) < 100
+
+
+def test_vit_block_flops_match_a_hand_count():
+  # 5 tokens (CLS + 4 patches), C = 8, MLP ratio 4: every token attends to all 5.
+  qkv, scores, weighted_values, proj = 2 * 5 * 8 * 24, 2 * 5 * 5 * 8, 2 * 5 * 5 * 8, 2 * 5 * 8 * 8
+  mlp = 2 * 5 * 8 * 32 * 2
+  assert qkv + scores + weighted_values + proj + mlp == 8480
+  assert flops.vit_block_flops(5, dim=8) == 8480
+
+
+@pytest.mark.parametrize("name,published_gmacs", [("vit_small", 4.6), ("vit_base", 17.6)])
+def test_vit_backbone_costs_match_the_published_deit_numbers(name, published_gmacs):
+  """DeiT's table: 4.6 G (ViT-S/16) and 17.6 G (ViT-B/16) multiply-adds at 224 px."""
+  config = {"vit_small": vit_s16, "vit_base": vit_base}[name].get_config()
+  arch = backbones.architecture(backbones.backbone_from_config(config.model))
+  counted = flops.backbone_flops(arch, 224)
+  assert counted["tokens"] == 196 and flops.backbone_flops(arch, 96)["tokens"] == 36
+  assert (counted["patch_embed"] + counted["body"]) / 2e9 == pytest.approx(published_gmacs, rel=0.02)
+
+
+def test_vit_train_step_flops_within_10_percent_of_xla_cost_analysis():
+  config = test_vit.with_tiny_vit(tiny.get_config())
+  config.model.update(embed_dim=128, out_dim=2048, hidden_dim=512, bottleneck_dim=64)  # Matmuls dominate.
+  config.batch_size, config.augment_on = 8, "host"  # The model's FLOPs: the batch holds the crops.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  state = train_step.abstract_train_state(config, mesh, steps_per_epoch=100)
+  batch = {
+    "globals": jax.ShapeDtypeStruct((8, 2, 32, 32, 3), np.uint8),
+    "locals": jax.ShapeDtypeStruct((8, 2, 16, 16, 3), np.uint8),
+  }
+  cost = (
+    train_step.make_train_step(config, mesh, steps_per_epoch=100)
+    .lower(state, batch)
+    .compile()
+    .cost_analysis()
+  )
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = flops.train_step_flops(config)["step"] * config.batch_size
+  assert analytic == pytest.approx(cost["flops"], rel=0.10)

@@ -1,4 +1,5 @@
 """DINO head against a numpy reference; the EsViT wrapper's multi-crop grouping and outputs."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +11,9 @@ from esvit_jax import models
 
 
 def np_dino_head(x, p, num_layers=3):
-  gelu = lambda z: 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
+  def gelu(z):
+    return 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
+
   for i in range(num_layers):
     x = x @ p[f"mlp_{i}"]["kernel"] + p[f"mlp_{i}"]["bias"]
     if i < num_layers - 1:
@@ -36,8 +39,11 @@ def test_dino_head_init_and_param_counts():
   head = models.DINOHead()
   params = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 768)))["params"]
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  assert round(count / 1e6, 2) == 23.14  # esvit_spec.md section 2.
-  assert params["last_layer"]["kernel"].shape == (256, 65536) and params["last_layer"]["scale"].shape == (1, 65536)
+  assert round(count / 1e6, 2) == 23.14  # The official head's parameter count for C = 768.
+  assert params["last_layer"]["kernel"].shape == (256, 65536) and params["last_layer"]["scale"].shape == (
+    1,
+    65536,
+  )
   small = models.DINOHead(out_dim=4096, hidden_dim=64, bottleneck_dim=256)
   p = small.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
   np.testing.assert_array_equal(p["last_layer"]["scale"], 1.0)  # weight_g filled with 1.
@@ -49,9 +55,22 @@ def test_dino_head_init_and_param_counts():
 
 
 def tiny_model_config(**kw):
-  return ml_collections.ConfigDict(dict(
-      backbone="swin_tiny", embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, image_size=32,
-      drop_path_rate=0.1, out_dim=32, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False, **kw))
+  return ml_collections.ConfigDict(
+    dict(
+      backbone="swin_tiny",
+      embed_dim=16,
+      depths=(1, 1),
+      num_heads=(1, 2),
+      window_size=4,
+      image_size=32,
+      drop_path_rate=0.1,
+      out_dim=32,
+      hidden_dim=16,
+      bottleneck_dim=8,
+      norm_last_layer=False,
+      **kw,
+    )
+  )
 
 
 @pytest.mark.parametrize("use_region_head", [True, False])
@@ -60,11 +79,18 @@ def test_esvit_runs_one_backbone_call_per_resolution(use_region_head):
   globals_ = jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))
   locals_ = jax.random.normal(jax.random.key(1), (2, 3, 16, 16, 3))
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(2), [globals_, locals_])
-  assert set(variables["params"]) == {"backbone", "view_head"} | ({"region_head"} if use_region_head else set())
+  assert set(variables["params"]) == {"backbone", "view_head"} | (
+    {"region_head"} if use_region_head else set()
+  )
   outs = jax.jit(model.apply)(variables, [globals_, locals_])
   assert outs[0]["view_logits"].shape == (2, 2, 32) and outs[1]["view_logits"].shape == (2, 3, 32)
   # 32px -> 8x8 tokens -> 4x4 after merging; 16px -> 4 -> 2x2.
-  assert outs[0]["region_features"].shape == (2, 2, 16, 32) and outs[1]["region_features"].shape == (2, 3, 4, 32)
+  assert outs[0]["region_features"].shape == (2, 2, 16, 32) and outs[1]["region_features"].shape == (
+    2,
+    3,
+    4,
+    32,
+  )
   if use_region_head:
     assert outs[1]["region_logits"].shape == (2, 3, 4, 32)
   else:
@@ -75,7 +101,9 @@ def test_esvit_runs_one_backbone_call_per_resolution(use_region_head):
   np.testing.assert_allclose(outs[1]["view_logits"][1, 2], bound.view_head(pooled)[0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(outs[1]["region_features"][1, 2], regions[0], rtol=1e-4, atol=1e-5)
   if use_region_head:
-    np.testing.assert_allclose(outs[1]["region_logits"][1, 2], bound.region_head(regions)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      outs[1]["region_logits"][1, 2], bound.region_head(regions)[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_esvit_bfloat16_outputs_are_float32_and_finite():
@@ -83,6 +111,8 @@ def test_esvit_bfloat16_outputs_are_float32_and_finite():
   crops = [jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))]
   variables = jax.jit(model.init)(jax.random.key(1), crops)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))  # float32 parameters.
-  out = jax.jit(model.apply, static_argnames="train")(variables, crops, train=True, rngs={"dropout": jax.random.key(2)})[0]
+  out = jax.jit(model.apply, static_argnames="train")(
+    variables, crops, train=True, rngs={"dropout": jax.random.key(2)}
+  )[0]
   assert out["view_logits"].dtype == jnp.float32 and out["region_logits"].dtype == jnp.float32
   assert np.all(np.isfinite(out["region_logits"]))

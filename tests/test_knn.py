@@ -1,9 +1,18 @@
-"""Weighted k-NN voting against a brute-force numpy vote; sharded bank equals a one-device bank."""
+"""Weighted k-NN voting against a brute-force numpy vote; sharded bank equals a one-device bank; the
+evaluations' matmul precision setting."""
+
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esvit_jax.evaluate import knn
+from configs import knn as knn_config
+from configs import linear_probe as linear_config
+from esvit_jax import errors, tasks, train_step
+from esvit_jax.evaluate import knn, linear
+from tests.configs import tiny
 
 NUM_CLASSES = 6
 
@@ -18,13 +27,19 @@ def make_batches(rng, num_examples, batch, dim, centres):
   feats = np.concatenate([feats, np.zeros((pad, dim))]).astype(np.float32)
   labels = np.concatenate([labels, np.zeros(pad, int)]).astype(np.int32)
   mask = np.arange(num_batches * batch) < num_examples
-  return [{"image": feats[i:i + batch], "label": labels[i:i + batch], "mask": mask[i:i + batch]}
-          for i in range(0, num_batches * batch, batch)], feats[:num_examples], labels[:num_examples]
+  return (
+    [
+      {"image": feats[i : i + batch], "label": labels[i : i + batch], "mask": mask[i : i + batch]}
+      for i in range(0, num_batches * batch, batch)
+    ],
+    feats[:num_examples],
+    labels[:num_examples],
+  )
 
 
 def brute_force(train_f, train_l, test_f, test_l, k, temperature):
   top1 = top5 = 0
-  for x, y in zip(test_f, test_l):
+  for x, y in zip(test_f, test_l, strict=False):
     sims = train_f @ x
     nearest = np.argsort(-sims, kind="stable")[:k]
     scores = np.zeros(NUM_CLASSES)
@@ -46,8 +61,9 @@ def test_knn_matches_brute_force(num_devices):
   identity = jax.jit(lambda x: x)
   train = knn.extract_features(identity, train_batches, mesh)
   test = knn.extract_features(identity, test_batches, mesh)
-  results = knn.knn_classify(train, test, num_classes=NUM_CLASSES, ks=(1, 10, 20, 100), temperature=0.07,
-                             mesh=mesh, chunk_size=24)
+  results = knn.knn_classify(
+    train, test, num_classes=NUM_CLASSES, ks=(1, 10, 20, 100), temperature=0.07, mesh=mesh, chunk_size=24
+  )
   accuracies = set()
   for k in (1, 10, 20, 100):
     top1, top5 = brute_force(train_f, train_l, test_f, test_l, k, 0.07)
@@ -64,7 +80,63 @@ def test_k_larger_than_bank_is_clamped():
   test_batches, test_f, test_l = make_batches(rng, 10, 16, 8, centres)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   identity = jax.jit(lambda x: x)
-  results = knn.knn_classify(knn.extract_features(identity, train_batches, mesh),
-                             knn.extract_features(identity, test_batches, mesh),
-                             num_classes=NUM_CLASSES, ks=(200,), mesh=mesh)
+  results = knn.knn_classify(
+    knn.extract_features(identity, train_batches, mesh),
+    knn.extract_features(identity, test_batches, mesh),
+    num_classes=NUM_CLASSES,
+    ks=(200,),
+    mesh=mesh,
+  )
   assert results["knn_top1_k30"] == pytest.approx(brute_force(train_f, train_l, test_f, test_l, 30, 0.07)[0])
+
+
+def lower_evaluation(config, workdir) -> list[str]:
+  """Stands in for an evaluation task: the StableHLO of what the tasks compile, lowered where they would
+  be (inside tasks.run): the k-NN similarity and top-k, a backbone's k-NN features, the probe's step."""
+  del config, workdir
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  similarity = jax.jit(
+    lambda test, bank, labels, mask: knn._global_top_k(  # pylint: disable=protected-access
+      test, bank, labels, mask, 5, mesh
+    )
+  )
+  texts = [
+    similarity.lower(
+      jnp.zeros((4, 16)), jnp.zeros((2, 8, 16)), jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), bool)
+    ).as_text()
+  ]
+  backbone = train_step.build_model(tiny.get_config()).backbone
+  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  params = jax.eval_shape(lambda: backbone.init(jax.random.key(0), images.astype(jnp.float32)))["params"]
+  features = jax.jit(lambda p, x: knn.pooled_features(backbone, p, x, jnp.float32))
+  texts.append(features.lower(params, images).as_text())
+  probe = linear.Probe(lambda x: x, 16, 5, linear.make_optimizer(linear_config.get_config(), 10), mesh)
+  batch = {
+    "image": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+    "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+  }
+  texts.append(probe.train.lower(probe.abstract_state, batch).as_text())
+  return texts
+
+
+@pytest.mark.parametrize("task", ["knn", "linear_probe"])
+@pytest.mark.parametrize("precision,expected", [(None, "HIGHEST"), ("default", "DEFAULT")])
+def test_evaluation_matmul_precision_setting_reaches_every_compiled_matmul(
+  monkeypatch, task, precision, expected
+):
+  config = (knn_config if task == "knn" else linear_config).get_config()
+  if precision:
+    config.matmul_precision = precision  # Else the configs' default, 'highest'.
+  monkeypatch.setitem(tasks.TASKS, task, "tests.test_knn:lower_evaluation")
+  for text in tasks.run(config, "unused"):
+    ops = [line for line in text.splitlines() if re.search(r"stablehlo\.(dot_general|convolution)", line)]
+    assert ops
+    for op in ops:
+      assert set(re.findall(r"\b(DEFAULT|HIGH|HIGHEST)\b", op)) == {expected}, op
+
+
+def test_unknown_matmul_precision_is_a_user_error():
+  config = knn_config.get_config()
+  config.matmul_precision = "fastest"
+  with pytest.raises(errors.UserError, match="Matmul precision 'fastest' is unknown"):
+    tasks.run(config, "unused")

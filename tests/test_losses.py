@@ -1,4 +1,5 @@
-"""The EsViT loss against a numpy transcription of esvit_spec.md section 3 (loops over pairs, tokens)."""
+"""The EsViT loss against a numpy transcription of its definition (loops over pairs, tokens)."""
+
 import functools
 
 import jax
@@ -41,7 +42,9 @@ def reference_loss(student, teacher, center, region_center, weight):
         log_p = np_log_softmax(s_region[v] / STUDENT_TEMP)  # [B, T, K]
         for b in range(B):
           for j in range(s_feat[v].shape[1]):
-            sims = [np_normalize(s_feat[v][b, j]) @ np_normalize(t_feat[t][b, i]) for i in range(TEACHER_TOKENS)]
+            sims = [
+              np_normalize(s_feat[v][b, j]) @ np_normalize(t_feat[t][b, i]) for i in range(TEACHER_TOKENS)
+            ]
             target = q_region[b, int(np.argmax(sims))]
             region[b] += -np.sum(target * log_p[b, j]) / s_feat[v].shape[1]
       total += ((1 - weight) * view + weight * region).mean()
@@ -56,12 +59,17 @@ def random_outputs(seed, with_region=True):
   rng = np.random.default_rng(seed)
   student = []
   for crops, tokens in GROUPS:
-    out = {"view_logits": rng.normal(size=(B, crops, K)), "region_features": rng.normal(size=(B, crops, tokens, C))}
+    out = {
+      "view_logits": rng.normal(size=(B, crops, K)),
+      "region_features": rng.normal(size=(B, crops, tokens, C)),
+    }
     if with_region:
       out["region_logits"] = rng.normal(size=(B, crops, tokens, K))
     student.append(out)
-  teacher = {"view_logits": rng.normal(size=(B, 2, K)),
-             "region_features": rng.normal(size=(B, 2, TEACHER_TOKENS, C))}
+  teacher = {
+    "view_logits": rng.normal(size=(B, 2, K)),
+    "region_features": rng.normal(size=(B, 2, TEACHER_TOKENS, C)),
+  }
   if with_region:
     teacher["region_logits"] = rng.normal(size=(B, 2, TEACHER_TOKENS, K))
   centers = rng.normal(size=(1, K)) * 0.3, rng.normal(size=(1, K)) * 0.3
@@ -78,16 +86,23 @@ def to_jax(tree):
 
 @functools.partial(jax.jit, static_argnums=3)
 def run_loss(student, teacher, centers, weight):
-  return losses.esvit_loss(to_jax(student), to_jax(teacher), *to_jax(centers), teacher_temp=TEACHER_TEMP,
-                           student_temp=STUDENT_TEMP, region_loss_weight=weight)
+  return losses.esvit_loss(
+    to_jax(student),
+    to_jax(teacher),
+    *to_jax(centers),
+    teacher_temp=TEACHER_TEMP,
+    student_temp=STUDENT_TEMP,
+    region_loss_weight=weight,
+  )
 
 
 @pytest.mark.parametrize("weight", [0.5, 0.3])
 def test_esvit_loss_matches_numpy(weight):
   student, teacher, centers = random_outputs(0)
   keys = ("view_logits", "region_logits", "region_features")
-  expected = reference_loss([per_crop(student, k) for k in keys], [per_crop([teacher], k) for k in keys],
-                            *centers, weight)
+  expected = reference_loss(
+    [per_crop(student, k) for k in keys], [per_crop([teacher], k) for k in keys], *centers, weight
+  )
   loss, aux = run_loss(student, teacher, centers, weight)
   np.testing.assert_allclose(loss, expected[0], rtol=1e-5)
   np.testing.assert_allclose(aux["view_loss"], expected[1], rtol=1e-5)
@@ -96,8 +111,12 @@ def test_esvit_loss_matches_numpy(weight):
 
 def test_view_only_is_dino():
   student, teacher, centers = random_outputs(1, with_region=False)
-  expected, _, _ = reference_loss([per_crop(student, "view_logits"), None, None],
-                                  [per_crop([teacher], "view_logits"), None, None], *centers, weight=0.0)
+  expected, _, _ = reference_loss(
+    [per_crop(student, "view_logits"), None, None],
+    [per_crop([teacher], "view_logits"), None, None],
+    *centers,
+    weight=0.0,
+  )
   loss, aux = run_loss(student, teacher, centers, 0.0)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   assert "region_loss" not in aux
@@ -133,9 +152,14 @@ def test_student_gradient_matches_finite_differences():
     for sign in (1, -1):
       shifted = jax.tree.map(np.copy, student)
       shifted[group][key][index] += sign * eps
-      values.append(reference_loss([per_crop(shifted, k) for k in keys], [per_crop([teacher], k) for k in keys],
-                                   *centers, 0.5)[0])
-    np.testing.assert_allclose(grads[group][key][index], (values[0] - values[1]) / (2 * eps), rtol=2e-3, atol=1e-6)
+      values.append(
+        reference_loss(
+          [per_crop(shifted, k) for k in keys], [per_crop([teacher], k) for k in keys], *centers, 0.5
+        )[0]
+      )
+    np.testing.assert_allclose(
+      grads[group][key][index], (values[0] - values[1]) / (2 * eps), rtol=2e-3, atol=1e-6
+    )
 
 
 def test_update_center_is_ema_of_global_mean():
@@ -143,4 +167,6 @@ def test_update_center_is_ema_of_global_mean():
   center = rng.normal(size=(1, K))
   logits = rng.normal(size=(B, 2, TEACHER_TOKENS, K))
   expected = 0.9 * center + 0.1 * logits.reshape(-1, K).mean(0, keepdims=True)
-  np.testing.assert_allclose(losses.update_center(*to_jax((center, logits)), 0.9), expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    losses.update_center(*to_jax((center, logits)), 0.9), expected, rtol=1e-5, atol=1e-7
+  )

@@ -1,8 +1,12 @@
 """Real multi-process JAX on loopback: 2 processes x 4 CPU devices compute what 1 process x 8 devices does.
 
 Each process runs main.py with jax.distributed.initialize (coordinator on 127.0.0.1) and reads only its
-half of every global batch. Checkpoints move between the two layouts in both directions.
+half of every global batch. Checkpoints move between the two layouts in both directions. The tiny config
+runs in device mode (the default): each process ships canvases and the step makes the crops of every
+example from its global position, so both layouts see the same crops.
 """
+
+import json
 import os
 import shutil
 import socket
@@ -13,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from esvit_jax import export
-from esvit_jax import writers
+from esvit_jax import export, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -31,13 +34,25 @@ def run_main(workdir, num_processes: int) -> None:
   """main.py on the tiny config to STEPS steps, as `num_processes` processes sharing 8 CPU devices."""
   port, procs = free_port(), []
   for index in range(num_processes):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // num_processes}"}
-    cmd = [sys.executable, "main.py", "--config", "tests/configs/tiny.py", f"--workdir={workdir}",
-           f"--config.total_steps={STEPS}"]
+    env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // num_processes}",
+    }
+    cmd = [
+      sys.executable,
+      "main.py",
+      "--config",
+      "tests/configs/tiny.py",
+      f"--workdir={workdir}",
+      f"--config.total_steps={STEPS}",
+    ]
     if num_processes > 1:
-      cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-              f"--process_id={index}"]
+      cmd += [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={index}",
+      ]
     log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.{index}.log"), "a")
     procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   try:
@@ -74,8 +89,12 @@ def runs(tmp_path_factory):
   return root, dirs
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(runs):
   _, dirs = runs
+  for workdir in dirs.values():
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f)["augment_on"] == "device"
   one, two = losses(dirs[1]), losses(dirs[2])
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   for step in one:
@@ -83,6 +102,7 @@ def test_two_processes_equal_one_process(runs):
   assert_close_trees(teacher(dirs[2]), teacher(dirs[1]), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("written_by,resumed_by", [(2, 1), (1, 2)])
 def test_checkpoints_resume_across_process_counts(runs, written_by, resumed_by):
   root, dirs = runs

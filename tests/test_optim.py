@@ -1,5 +1,6 @@
 """The optimizer against the official torch recipe (AdamW param groups, clip_gradients,
 cancel_gradients_last_layer, per-step lr / wd), rewritten in torch in this test."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,13 @@ from esvit_jax import optim
 STEPS_PER_EPOCH = 4
 EPOCHS = 3
 SHAPES = {
-    "backbone": {"patch_embed": {"kernel": (2, 2, 3, 4), "bias": (4,)}, "norm": {"scale": (4,), "bias": (4,)},
-                 "attn": {"relative_position_bias_table": (9, 2)}},
-    "view_head": {"mlp_0": {"kernel": (4, 5), "bias": (5,)}, "last_layer": {"kernel": (5, 6), "scale": (1, 6)}},
-    "region_head": {"last_layer": {"kernel": (5, 6), "scale": (1, 6)}},
+  "backbone": {
+    "patch_embed": {"kernel": (2, 2, 3, 4), "bias": (4,)},
+    "norm": {"scale": (4,), "bias": (4,)},
+    "attn": {"relative_position_bias_table": (9, 2)},
+  },
+  "view_head": {"mlp_0": {"kernel": (4, 5), "bias": (5,)}, "last_layer": {"kernel": (5, 6), "scale": (1, 6)}},
+  "region_head": {"last_layer": {"kernel": (5, 6), "scale": (1, 6)}},
 }
 
 
@@ -27,8 +31,9 @@ def small_config():
 
 def random_params(seed):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda shape: rng.normal(size=shape).astype(np.float32), SHAPES,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda shape: rng.normal(size=shape).astype(np.float32), SHAPES, is_leaf=lambda x: isinstance(x, tuple)
+  )
 
 
 def official_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0):
@@ -49,8 +54,13 @@ def torch_reference(params, grads_per_step, config, start=0):
   no_decay = [p for n, p in named.items() if n.endswith("['bias']") or p.ndim == 1]
   decay = [p for p in named.values() if all(p is not q for q in no_decay)]
   optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-  lr = official_cosine_scheduler(config.lr * config.batch_size / 256, config.min_lr, EPOCHS, STEPS_PER_EPOCH,
-                                 warmup_epochs=config.warmup_epochs)
+  lr = official_cosine_scheduler(
+    config.lr * config.batch_size / 256,
+    config.min_lr,
+    EPOCHS,
+    STEPS_PER_EPOCH,
+    warmup_epochs=config.warmup_epochs,
+  )
   wd = official_cosine_scheduler(config.weight_decay, config.weight_decay_end, EPOCHS, STEPS_PER_EPOCH)
   history = []
   for it, grads in enumerate(grads_per_step, start=start):
@@ -78,8 +88,10 @@ def test_matches_official_torch_optimizer():
   params = random_params(0)
   rng = np.random.default_rng(1)
   # Gradient scales straddle the clip norm 3.0.
-  grads_per_step = [jax.tree.map(lambda p: (rng.normal(size=p.shape) * rng.choice([0.1, 5.0])).astype(np.float32),
-                                 params) for _ in range(EPOCHS * STEPS_PER_EPOCH)]
+  grads_per_step = [
+    jax.tree.map(lambda p: (rng.normal(size=p.shape) * rng.choice([0.1, 5.0])).astype(np.float32), params)
+    for _ in range(EPOCHS * STEPS_PER_EPOCH)
+  ]
   expected = torch_reference(params, grads_per_step, config)
 
   tx = optim.make_optimizer(config, steps_per_epoch=STEPS_PER_EPOCH)
@@ -123,13 +135,18 @@ def test_decay_mask_and_freeze_labels():
   params = random_params(3)
   mask = flat_with_names(optim.decay_mask(params))
   assert [name for name, decayed in mask.items() if decayed] == [
-      "['backbone']['attn']['relative_position_bias_table']", "['backbone']['patch_embed']['kernel']",
-      "['region_head']['last_layer']['kernel']", "['region_head']['last_layer']['scale']",
-      "['view_head']['last_layer']['kernel']", "['view_head']['last_layer']['scale']",
-      "['view_head']['mlp_0']['kernel']"]
+    "['backbone']['attn']['relative_position_bias_table']",
+    "['backbone']['patch_embed']['kernel']",
+    "['region_head']['last_layer']['kernel']",
+    "['region_head']['last_layer']['scale']",
+    "['view_head']['last_layer']['kernel']",
+    "['view_head']['last_layer']['scale']",
+    "['view_head']['mlp_0']['kernel']",
+  ]
   labels = flat_with_names(optim.freeze_labels(params))
   assert {name for name, label in labels.items() if label == "last_layer"} == {
-      name for name in labels if "['last_layer']" in name}
+    name for name in labels if "['last_layer']" in name
+  }
 
 
 def test_restarted_optimizer_matches_torch_continuing_with_a_fresh_adamw():
@@ -137,8 +154,10 @@ def test_restarted_optimizer_matches_torch_continuing_with_a_fresh_adamw():
   config, start = small_config(), 6
   params = random_params(2)
   rng = np.random.default_rng(3)
-  grads_per_step = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
-                    for _ in range(EPOCHS * STEPS_PER_EPOCH - start)]
+  grads_per_step = [
+    jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    for _ in range(EPOCHS * STEPS_PER_EPOCH - start)
+  ]
   expected = torch_reference(params, grads_per_step, config, start=start)
   tx = optim.make_optimizer(config, steps_per_epoch=STEPS_PER_EPOCH)
   state = optim.restarted_at(tx.init(params), start, config, steps_per_epoch=STEPS_PER_EPOCH)
@@ -147,4 +166,6 @@ def test_restarted_optimizer_matches_torch_continuing_with_a_fresh_adamw():
     updates, state = tx.update(grads, state, current)
     current = optax.apply_updates(current, updates)
     for name, value in flat_with_names(current).items():
-      np.testing.assert_allclose(value, expected[it][name], rtol=2e-5, atol=2e-6, err_msg=f"step {start + it} {name}")
+      np.testing.assert_allclose(
+        value, expected[it][name], rtol=2e-5, atol=2e-6, err_msg=f"step {start + it} {name}"
+      )

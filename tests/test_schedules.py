@@ -1,4 +1,5 @@
 """Schedules against hand-computed values and against the official numpy arrays (utils.cosine_scheduler)."""
+
 import math
 
 import jax
@@ -34,12 +35,14 @@ def official_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0):
 def test_learning_rate_hand_values():
   schedule = schedules.from_config(small_config(), STEPS_PER_EPOCH)
   steps = [0, 10, 19, 20, 35, 49]
-  expected = [0.0,
-              1e-3 * 10 / 19,  # linspace(0, peak, 20)[10]
-              1e-3,  # end of warm-up: the last linspace point is the peak
-              1e-3,  # first cosine step, cos(0)
-              1e-6 + 0.5 * (1e-3 - 1e-6),  # i = 15 of n = 30: cos(pi / 2) = 0
-              1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 29 / 30))]  # last step
+  expected = [
+    0.0,
+    1e-3 * 10 / 19,  # linspace(0, peak, 20)[10]
+    1e-3,  # end of warm-up: the last linspace point is the peak
+    1e-3,  # first cosine step, cos(0)
+    1e-6 + 0.5 * (1e-3 - 1e-6),  # i = 15 of n = 30: cos(pi / 2) = 0
+    1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 29 / 30)),
+  ]  # last step
   np.testing.assert_allclose(values(schedule.learning_rate, steps), expected, rtol=1e-6, atol=1e-12)
 
 
@@ -47,8 +50,9 @@ def test_weight_decay_and_momentum_hand_values():
   schedule = schedules.from_config(small_config(), STEPS_PER_EPOCH)
   steps = [0, 25, 49]
   cosine = [2.0, 1.0, 1 + math.cos(math.pi * 49 / 50)]  # 1 + cos(pi * i / 50)
-  np.testing.assert_allclose(values(schedule.weight_decay, steps), [0.4 + 0.5 * (0.04 - 0.4) * c for c in cosine],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    values(schedule.weight_decay, steps), [0.4 + 0.5 * (0.04 - 0.4) * c for c in cosine], rtol=1e-6
+  )
   np.testing.assert_allclose(values(schedule.teacher_ema_rate, steps), [0.002 * c for c in cosine], rtol=1e-6)
 
 
@@ -64,9 +68,10 @@ def test_schedules_equal_official_arrays():
   schedule = schedules.from_config(config, STEPS_PER_EPOCH)
   steps = np.arange(config.epochs * STEPS_PER_EPOCH)
   for ours, official in [
-      (schedule.learning_rate, official_cosine_scheduler(1e-3, 1e-6, 5, STEPS_PER_EPOCH, warmup_epochs=2)),
-      (schedule.weight_decay, official_cosine_scheduler(0.04, 0.4, 5, STEPS_PER_EPOCH)),
-      (schedule.teacher_ema_rate, 1 - official_cosine_scheduler(0.996, 1.0, 5, STEPS_PER_EPOCH))]:
+    (schedule.learning_rate, official_cosine_scheduler(1e-3, 1e-6, 5, STEPS_PER_EPOCH, warmup_epochs=2)),
+    (schedule.weight_decay, official_cosine_scheduler(0.04, 0.4, 5, STEPS_PER_EPOCH)),
+    (schedule.teacher_ema_rate, 1 - official_cosine_scheduler(0.996, 1.0, 5, STEPS_PER_EPOCH)),
+  ]:
     np.testing.assert_allclose(values(ours, steps), official, rtol=1e-6, atol=1e-12)
 
 
@@ -88,5 +93,8 @@ def test_total_steps_override():
   assert schedules.total_steps(config, STEPS_PER_EPOCH) == 30
   schedule = schedules.from_config(config, STEPS_PER_EPOCH)
   # Warm-up is still 20 steps; the cosine now spans the 10 remaining ones.
-  np.testing.assert_allclose(values(schedule.learning_rate, [29]),
-                             [1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 9 / 10))], rtol=1e-6)
+  np.testing.assert_allclose(
+    values(schedule.learning_rate, [29]),
+    [1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 9 / 10))],
+    rtol=1e-6,
+  )

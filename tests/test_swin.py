@@ -1,4 +1,5 @@
 """Swin backbone: constants against hand-written golden arrays, blocks against a numpy reference."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,31 +11,31 @@ from esvit_jax import models
 from esvit_jax.models import swin
 
 # ----------------------------------------------------------------------------------------------------
-# Golden constants, written out by hand from the definitions in esvit_spec.md 1.2.
+# Golden constants, written out by hand from the definitions of the official Swin.
 
 # idx[i, j] = (dy + 1) * 3 + (dx + 1) for tokens (0,0), (0,1), (1,0), (1,1).
 GOLDEN_INDEX_WS2 = [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
 # idx[i, j] = (dy + 2) * 5 + (dx + 2) for the 9 tokens of a 3x3 window, row-major.
 GOLDEN_INDEX_WS3 = [
-    [12, 11, 10, 7, 6, 5, 2, 1, 0],
-    [13, 12, 11, 8, 7, 6, 3, 2, 1],
-    [14, 13, 12, 9, 8, 7, 4, 3, 2],
-    [17, 16, 15, 12, 11, 10, 7, 6, 5],
-    [18, 17, 16, 13, 12, 11, 8, 7, 6],
-    [19, 18, 17, 14, 13, 12, 9, 8, 7],
-    [22, 21, 20, 17, 16, 15, 12, 11, 10],
-    [23, 22, 21, 18, 17, 16, 13, 12, 11],
-    [24, 23, 22, 19, 18, 17, 14, 13, 12],
+  [12, 11, 10, 7, 6, 5, 2, 1, 0],
+  [13, 12, 11, 8, 7, 6, 3, 2, 1],
+  [14, 13, 12, 9, 8, 7, 4, 3, 2],
+  [17, 16, 15, 12, 11, 10, 7, 6, 5],
+  [18, 17, 16, 13, 12, 11, 8, 7, 6],
+  [19, 18, 17, 14, 13, 12, 9, 8, 7],
+  [22, 21, 20, 17, 16, 15, 12, 11, 10],
+  [23, 22, 21, 18, 17, 16, 13, 12, 11],
+  [24, 23, 22, 19, 18, 17, 14, 13, 12],
 ]
 # Region ids per window (tokens row-major) of a 4x4 map, window 2, shift 1: the slices (0:-2), (-2:-1),
 # (-1:) cut rows and columns into 3 bands each; id = 3 * row_band + col_band.
 GOLDEN_REGIONS_WS2_SHIFT1 = [[0, 0, 0, 0], [1, 2, 1, 2], [3, 3, 6, 6], [4, 5, 7, 8]]
 # A 5x5 map padded to 6x6, window 3, shift 1: bands rows 0-2, rows 3-4, row 5 (same for columns).
 GOLDEN_REGIONS_WS3_SHIFT1 = [
-    [0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [1, 1, 2, 1, 1, 2, 1, 1, 2],
-    [3, 3, 3, 3, 3, 3, 6, 6, 6],
-    [4, 4, 5, 4, 4, 5, 7, 7, 8],
+  [0, 0, 0, 0, 0, 0, 0, 0, 0],
+  [1, 1, 2, 1, 1, 2, 1, 1, 2],
+  [3, 3, 3, 3, 3, 3, 6, 6, 6],
+  [4, 4, 5, 4, 4, 5, 7, 7, 8],
 ]
 
 
@@ -60,7 +61,7 @@ def test_shift_mask_ws3_padded_matches_golden():
 
 
 def test_window_and_shift_schedule_follows_224_construction():
-  # esvit_spec.md 1.2 / 1.3: only stages whose 224 resolution fits in one window lose their shift.
+  # Only stages whose 224 resolution fits in one window lose their shift.
   w7 = swin.block_windows(224, 4, (2, 2, 6, 2), 7)
   assert w7[:3] == [[(7, 0), (7, 3)], [(7, 0), (7, 3)], [(7, 0), (7, 3)] * 3]
   assert w7[3] == [(7, 0), (7, 0)]
@@ -70,12 +71,12 @@ def test_window_and_shift_schedule_follows_224_construction():
 
 
 # ----------------------------------------------------------------------------------------------------
-# A numpy reference of one block, written from esvit_spec.md 1.2 (loops where the code uses einops).
+# A numpy reference of one block, written from the official block's maths (loops where the code uses einops).
 
 
 def np_layer_norm(x, p):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
 
 
@@ -112,7 +113,9 @@ def np_window_attention(windows, p, ws, heads, mask):
 
 
 def np_region_mask(hp, wp, ws, shift):
-  band = lambda i, size: 0 if i < size - ws else (1 if i < size - shift else 2)
+  def band(i, size):
+    return 0 if i < size - ws else (1 if i < size - shift else 2)
+
   ids = np.array([[3 * band(r, hp) + band(c, wp) for c in range(wp)] for r in range(hp)])
   win = ids.reshape(hp // ws, ws, wp // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
   return np.where(win[:, :, None] == win[:, None, :], 0.0, -100.0)
@@ -141,7 +144,8 @@ def randomize(params, key):
   """Random values everywhere (init zeros biases and ones LayerNorms, which would hide mistakes)."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  noise = [0.3 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
+  return jax.tree.unflatten(tree, noise)
 
 
 def to_numpy(tree):
@@ -189,8 +193,12 @@ def test_patch_merging_order_and_odd_padding(size):
 # The whole backbone.
 
 OFFICIAL_PARAM_COUNTS_M = {
-    ("swin_tiny", 7): 27.52, ("swin_small", 7): 48.84, ("swin_base", 7): 86.74,
-    ("swin_tiny", 14): 27.57, ("swin_small", 14): 48.97, ("swin_base", 14): 86.92,
+  ("swin_tiny", 7): 27.52,
+  ("swin_small", 7): 48.84,
+  ("swin_base", 7): 86.74,
+  ("swin_tiny", 14): 27.57,
+  ("swin_small", 14): 48.97,
+  ("swin_base", 14): 86.92,
 }
 
 
@@ -207,8 +215,9 @@ def test_variant_shapes_and_param_counts(name, window):
   for size, tokens in ((224, 49), (96, 9)):
     pooled, regions = jax.eval_shape(model.apply, variables, jnp.zeros((2, size, size, 3)))
     assert pooled.shape == (2, dim) and regions.shape == (2, tokens, dim)
-  probe = jax.eval_shape(lambda v, x: model.apply(v, x, 4, method="last_blocks"), variables,
-                         jnp.zeros((2, 224, 224, 3)))
+  probe = jax.eval_shape(
+    lambda v, x: model.apply(v, x, 4, method="last_blocks"), variables, jnp.zeros((2, 224, 224, 3))
+  )
   assert probe.shape == (2, 3072 if name == "swin_base" else 2304)
 
 
@@ -216,7 +225,9 @@ def test_swin_tiny_local_crop_forward_and_windows():
   model = models.build_backbone("swin_tiny")
   images = jax.random.normal(jax.random.key(1), (1, 96, 96, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
-  (pooled, regions), state = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates"))(variables, images)
+  (pooled, regions), state = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates"))(
+    variables, images
+  )
   assert regions.shape == (1, 9, 768) and np.all(np.isfinite(regions))
   np.testing.assert_allclose(pooled, regions.mean(1), rtol=1e-5, atol=1e-5)
   # 96px: stage 3 (6x6) is padded to one 7x7 window and keeps its shift; stage 1 (24 -> 28) has 16 windows.
@@ -238,7 +249,8 @@ def test_last_blocks_pools_blocks_and_norms_last_stage():
   three = last_blocks(variables, images, 3)
   assert three.shape == (2, 16 + 32 + 32)
   _, state = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates", capture_intermediates=True))(
-      variables, images)
+    variables, images
+  )
   stage0_last = state["intermediates"]["layers_0"]["blocks_1"]["__call__"][0]
   np.testing.assert_allclose(three[:, :16], stage0_last.mean((1, 2)), rtol=1e-5, atol=1e-6)
 

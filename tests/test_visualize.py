@@ -1,10 +1,11 @@
 """Visualisation: window layout and thresholding against hand-derived goldens, matching against brute force,
 and the CLI's PNGs on a tiny exported model."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from esvit_jax import export, visualize
 from esvit_jax.models import build_backbone
@@ -48,10 +49,16 @@ def test_match_regions_is_the_cosine_argmax_ranked_by_similarity():
 
 
 def test_mirrored_fraction_and_drawn_lines():
-  found = visualize.Correspondences(pairs=np.array([[0, 2], [4, 4], [5, 3], [6, 6]]), similarity=np.ones(4), grid=3)
-  assert found.mirrored_fraction() == 0.75  # (0,0)->(0,2), (1,1)->(1,1), (1,2)->(1,0) mirror; (2,0)->(2,0) not.
+  found = visualize.Correspondences(
+    pairs=np.array([[0, 2], [4, 4], [5, 3], [6, 6]]), similarity=np.ones(4), grid=3
+  )
+  assert (
+    found.mirrored_fraction() == 0.75
+  )  # (0,0)->(0,2), (1,1)->(1,1), (1,2)->(1,0) mirror; (2,0)->(2,0) not.
   view = np.zeros((30, 30, 3), np.uint8)
-  drawn = visualize.draw_correspondences(view, view, visualize.Correspondences(np.array([[3, 3]]), np.ones(1), 3))
+  drawn = visualize.draw_correspondences(
+    view, view, visualize.Correspondences(np.array([[3, 3]]), np.ones(1), 3)
+  )
   assert drawn.shape == (30, 65, 3)
   # Token 3 is the centre of row 1, column 0: (5, 15) in view 1 and (35 + 5, 15) in view 2.
   np.testing.assert_array_equal(drawn[15, 22], visualize.LINE_COLOUR)
@@ -75,7 +82,9 @@ def test_augmented_view_is_flipped_grayscale_and_load_image_centre_crops(tmp_pat
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
   """64px model: the last block sees an 8x8 map in four 4x4 windows shifted by 2."""
-  model = build_backbone("swin_tiny", embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, image_size=64)
+  model = build_backbone(
+    "swin_tiny", embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, image_size=64
+  )
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
   path = tmp_path_factory.mktemp("tiny") / "export"
   export.save_backbone(path, model, params)
@@ -108,13 +117,74 @@ def test_cli_writes_pngs_of_the_expected_size(tiny_export, tmp_path, capsys):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (50, 80, 3), np.uint8)).save(tmp_path / "photo.jpg")
   out = tmp_path / "vis"
-  visualize.main(["--pretrained", str(tiny_export), "--image", str(tmp_path / "photo.jpg"), "--out", str(out),
-                  "--top-k", "5"])
+  visualize.main(
+    [
+      "--pretrained",
+      str(tiny_export),
+      "--image",
+      str(tmp_path / "photo.jpg"),
+      "--out",
+      str(out),
+      "--top-k",
+      "5",
+    ]
+  )
   assert "Wrote 7 PNGs" in capsys.readouterr().out
-  sizes = {"image.png": (64, 64), "attention_heads.png": (4 * 64 + 3 * 2, 64), "correspondence.png": (133, 64),
-           **{f"attention_head{h:02d}.png": (64, 64) for h in range(4)}}
+  sizes = {
+    "image.png": (64, 64),
+    "attention_heads.png": (4 * 64 + 3 * 2, 64),
+    "correspondence.png": (133, 64),
+    **{f"attention_head{h:02d}.png": (64, 64) for h in range(4)},
+  }
   assert sorted(p.name for p in out.iterdir()) == sorted(sizes)
   for name, size in sizes.items():
     with Image.open(out / name) as png:
       assert png.size == size and png.mode == "RGB"
       assert np.asarray(png).std() > 5  # Not a blank canvas.
+
+
+@pytest.fixture(scope="module")
+def vit_export(tmp_path_factory):
+  """A 2-block ViT with 3 heads and patch 8 on 32 px: a 4x4 patch grid."""
+  model = build_backbone("vit_tiny", embed_dim=24, depth=2, num_heads=3, patch_size=8, image_size=32)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  path = tmp_path_factory.mktemp("vit") / "export"
+  export.save_backbone(path, model, params)
+  return path
+
+
+def test_vit_attention_is_the_cls_row_over_the_patches(vit_export):
+  model, params = export.load_backbone(vit_export)
+  image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)
+  maps = visualize.attention_maps(model, params, image)
+  assert maps.shape == (3, 4, 4)
+  _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable="intermediates"))(
+    params, jnp.asarray(visualize.normalize_images(image[None]))
+  )
+  attention = np.asarray(state["intermediates"]["blocks_1"]["attn"]["attention"][0][0])  # [heads, 17, 17]
+  np.testing.assert_array_equal(maps, attention[:, 0, 1:].reshape(3, 4, 4))
+  np.testing.assert_allclose(maps.sum(axis=(1, 2)) + attention[:, 0, 0], 1, rtol=1e-5)  # The CLS row.
+  centre = visualize.attention_maps(model, params, image, query="center")
+  np.testing.assert_array_equal(centre, attention[:, 1 + 10, 1:].reshape(3, 4, 4))  # Token (2, 2).
+  swin = build_backbone("swin_tiny", embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, image_size=32)
+  swin_params = jax.jit(swin.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  with pytest.raises(ValueError, match="no CLS token"):
+    visualize.attention_maps(swin, swin_params, image, query="cls")
+
+
+def test_cli_on_a_vit_writes_one_panel_per_head_and_correspondences(vit_export, tmp_path, capsys):
+  photo = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+  Image.fromarray(photo).save(tmp_path / "photo.png")
+  out = tmp_path / "vis"
+  visualize.main(["--pretrained", str(vit_export), "--image", str(tmp_path / "photo.png"), "--out", str(out)])
+  assert "Wrote 6 PNGs" in capsys.readouterr().out
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+    [
+      "image.png",
+      "attention_heads.png",
+      "correspondence.png",
+      *(f"attention_head{h:02d}.png" for h in range(3)),
+    ]
+  )
+  with Image.open(out / "correspondence.png") as png:
+    assert png.size == (2 * 32 + 5, 32)

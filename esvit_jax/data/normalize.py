@@ -1,4 +1,5 @@
 """The one place where uint8 pixels become network input (torchvision ToTensor + Normalize)."""
+
 from typing import Any
 
 import jax

@@ -1,46 +1,86 @@
-"""Weighted k-NN classification on frozen features (DINO protocol, esvit_spec.md section 5.2).
+"""Weighted k-NN classification on frozen features (DINO protocol).
 
 Features come out of the sharded model batch by batch and stay where they were computed: the memory
 bank is [num_batches, global_batch, D] sharded on the batch axis, so no device ever holds the whole train
 split. Each test chunk is compared with every device's part of the bank, each device keeps its own top-k,
 and the candidates of all devices are merged into the global top-k.
 """
-from typing import Callable, Iterable, Mapping, Sequence
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from esvit_jax import export
-from esvit_jax import sharding
-from esvit_jax.data import multicrop
-from esvit_jax.data import normalize
-from esvit_jax.data import sources
+from esvit_jax import errors, export, sharding
+from esvit_jax.data import multicrop, normalize, sources
 from esvit_jax.evaluate import results as results_lib
 
 Batch = Mapping[str, np.ndarray]
 
 
 def pooled_features(backbone, params, images: jax.Array, dtype) -> jax.Array:
-  """The k-NN feature: the backbone's pooled final-norm feature of uint8 images, L2-normalised, float32."""
+  """The k-NN feature: the backbone's pooled final-norm feature of uint8 images, L2-normalised, float32.
+
+  Args:
+    backbone: the Swin or ViT backbone module.
+    params: its parameters.
+    images: uint8 [B, H, W, 3].
+    dtype: the compute dtype the images are normalised to.
+
+  Returns:
+    float32 [B, D], L2-normalised rows.
+  """
   pooled, _ = backbone.apply({"params": params}, normalize.normalize_images(images, dtype), train=False)
   pooled = pooled.astype(jnp.float32)
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 
-def extract_features(forward: Callable[[jax.Array], jax.Array], batches: Iterable[Batch],
-                     mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+def pixel_features(images: jax.Array, size: int) -> jax.Array:
+  """The raw-pixel k-NN feature: uint8 [B, H, W, 3] block-averaged to size x size, each image mean-centred.
+
+  Args:
+    images: uint8 images whose height and width are multiples of size.
+    size: side of the averaged image.
+
+  Returns:
+    float32 [B, size * size * 3], L2-normalised rows.
+  """
+  b, h, w, c = images.shape
+  if h % size or w % size:
+    raise errors.UserError(f"Images of {h}x{w} px cannot be block-averaged to {size} px.")
+  x = images.astype(jnp.float32).reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+  x = x.reshape(b, -1)
+  x = x - x.mean(axis=-1, keepdims=True)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def extract_features(
+  forward: Callable[[jax.Array], jax.Array], batches: Iterable[Batch], mesh: jax.sharding.Mesh
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs `forward` over host-local batches {'image', 'label', 'mask'} of every host.
 
-  Returns features [num_batches, B, D], labels and mask [num_batches, B], all sharded on the batch axis
-  (B is the global batch). Every host must provide the same number of batches.
+  Every host must provide the same number of batches.
+
+  Args:
+    forward: global uint8 images [B, H, W, 3] (sharded on the batch axis) -> features [B, D].
+    batches: this host's batches; 'mask' is False for padding rows.
+    mesh: the mesh whose 'data' axis the batch is sharded on.
+
+  Returns:
+    features [num_batches, B, D], labels and mask [num_batches, B], all sharded on the batch axis (B is
+    the global batch).
   """
   batch_sharding = NamedSharding(mesh, P("data"))
   features, labels, masks = [], [], []
   for batch in batches:
-    images, label, mask = (jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
-                           for k in ("image", "label", "mask"))
+    images, label, mask = (
+      jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
+      for k in ("image", "label", "mask")
+    )
     features.append(forward(images))
     labels.append(label)
     masks.append(mask)
@@ -51,15 +91,32 @@ def extract_features(forward: Callable[[jax.Array], jax.Array], batches: Iterabl
   return stack(features), stack(labels), stack(masks)
 
 
-def weighted_vote(similarities: jax.Array, neighbour_labels: jax.Array, num_classes: int,
-                  temperature: float) -> jax.Array:
-  """Class scores sum_i exp(sim_i / T) * onehot(label_i) over the neighbours: [n, k] -> [n, classes]."""
+def weighted_vote(
+  similarities: jax.Array, neighbour_labels: jax.Array, num_classes: int, temperature: float
+) -> jax.Array:
+  """Class scores sum_i exp(sim_i / T) * onehot(label_i) over the neighbours: [n, k] -> [n, classes].
+
+  Args:
+    similarities: cosine similarities of each query's k neighbours, [n, k].
+    neighbour_labels: the neighbours' int labels, [n, k].
+    num_classes: number of classes.
+    temperature: T; smaller favours the nearest neighbours.
+
+  Returns:
+    The scores, [n, num_classes], in the dtype of similarities.
+  """
   weights = jnp.exp(similarities / temperature)
   return jnp.einsum("nk,nkc->nc", weights, jax.nn.one_hot(neighbour_labels, num_classes, dtype=weights.dtype))
 
 
-def _global_top_k(test: jax.Array, bank: jax.Array, bank_labels: jax.Array, bank_mask: jax.Array, k: int,
-                  mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+def _global_top_k(
+  test: jax.Array,
+  bank: jax.Array,
+  bank_labels: jax.Array,
+  bank_mask: jax.Array,
+  k: int,
+  mesh: jax.sharding.Mesh,
+) -> tuple[jax.Array, jax.Array]:
   """Top-k cosine similarities of each test row over the whole sharded bank, and their labels."""
 
   def local_then_merge(test, bank, labels, mask):
@@ -71,17 +128,41 @@ def _global_top_k(test: jax.Array, bank: jax.Array, bank_labels: jax.Array, bank
     sims, index = jax.lax.top_k(sims, k)
     return sims, jnp.take_along_axis(labels, index, axis=1)
 
-  return jax.shard_map(local_then_merge, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data"), P(None, "data")),
-                       out_specs=(P(), P()), check_vma=False)(test, bank, bank_labels, bank_mask)
+  return jax.shard_map(
+    local_then_merge,
+    mesh=mesh,
+    in_specs=(P(), P(None, "data"), P(None, "data"), P(None, "data")),
+    out_specs=(P(), P()),
+    check_vma=False,
+  )(test, bank, bank_labels, bank_mask)
 
 
-def knn_classify(train: tuple[jax.Array, jax.Array, jax.Array], test: tuple[jax.Array, jax.Array, jax.Array], *,
-                 num_classes: int, ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
-                 mesh: jax.sharding.Mesh, chunk_size: int = 256) -> dict[str, float]:
+def knn_classify(
+  train: tuple[jax.Array, jax.Array, jax.Array],
+  test: tuple[jax.Array, jax.Array, jax.Array],
+  *,
+  num_classes: int,
+  ks: Sequence[int] = (10, 20, 100, 200),
+  temperature: float = 0.07,
+  mesh: jax.sharding.Mesh,
+  chunk_size: int = 256,
+) -> dict[str, float]:
   """Top-1 and top-5 accuracy (in %) of the weighted k-NN vote for every k, on L2-normalised features.
 
   train and test are (features, labels, mask) as returned by extract_features. Test rows are processed
   chunk_size at a time inside one compiled loop, so only one chunk's similarities exist at once.
+
+  Args:
+    train: the memory bank (features, labels, mask).
+    test: the queries (features, labels, mask).
+    num_classes: number of classes; top-5 is reported only when there are at least 5.
+    ks: numbers of neighbours (each capped at the number of train examples).
+    temperature: the vote's temperature (weighted_vote).
+    mesh: the mesh the features are sharded over (axis 'data').
+    chunk_size: test rows compared with the bank at once.
+
+  Returns:
+    {'knn_top1_k{k}': %, 'knn_top5_k{k}': %} for every k.
   """
   bank, bank_labels, bank_mask = train
   num_train = int(jax.device_get(jnp.sum(bank_mask)))
@@ -91,15 +172,19 @@ def knn_classify(train: tuple[jax.Array, jax.Array, jax.Array], test: tuple[jax.
   def correct_counts(features, labels, mask):
     features, labels, mask = (x.reshape(-1, *x.shape[2:]) for x in (features, labels, mask))
     pad = -features.shape[0] % chunk_size
-    chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk_size, *x.shape[1:])
-              for x in (features, labels, mask)]
+    chunks = [
+      jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk_size, *x.shape[1:])
+      for x in (features, labels, mask)
+    ]
 
     def chunk_counts(chunk):
       features, labels, mask = chunk
       sims, neighbours = _global_top_k(features, bank, bank_labels, bank_mask, ks[-1], mesh)
       counts = []
       for k in ks:
-        ranked = jnp.argsort(-weighted_vote(sims[:, :k], neighbours[:, :k], num_classes, temperature), axis=-1)
+        ranked = jnp.argsort(
+          -weighted_vote(sims[:, :k], neighbours[:, :k], num_classes, temperature), axis=-1
+        )
         hits = ranked[:, :5] == labels[:, None]
         counts.append(jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(axis=1) & mask).sum()]))
       return jnp.stack(counts)
@@ -108,41 +193,135 @@ def knn_classify(train: tuple[jax.Array, jax.Array, jax.Array], test: tuple[jax.
 
   counts, num_test = jax.device_get(correct_counts(*test))
   results = {}
-  for (top1, top5), k in zip(counts, ks):
+  for (top1, top5), k in zip(counts, ks, strict=False):
     results[f"knn_top1_k{k}"] = 100.0 * float(top1) / float(num_test)
     if num_classes >= 5:
       results[f"knn_top5_k{k}"] = 100.0 * float(top5) / float(num_test)
   return results
 
 
-def evaluate_split_pair(forward: Callable[[jax.Array], jax.Array], config, mesh: jax.sharding.Mesh, *,
-                        source, ks: Sequence[int], temperature: float, max_train: int | None = None,
-                        max_test: int | None = None) -> dict[str, float]:
+def evaluate_split_pair(
+  forward: Callable[[jax.Array], jax.Array],
+  config,
+  mesh: jax.sharding.Mesh,
+  *,
+  source,
+  ks: Sequence[int],
+  temperature: float,
+  max_train: int | None = None,
+  max_test: int | None = None,
+) -> dict[str, float]:
   """k-NN accuracy of `forward` features: config.train_split as the memory bank, config.eval_split as queries.
 
   forward maps uint8 images [B, C, C, 3] (global, sharded) to L2-normalised features [B, D]. Images go
   through the evaluation transform (resize config.eval_resize, centre crop config.eval_crop_size).
+
+  Args:
+    forward: the feature function, as above.
+    config: the evaluation config (splits, eval_batch_size, eval_resize, eval_crop_size).
+    mesh: the mesh to shard the batches over (axis 'data').
+    source: the sources.Source to read both splits from (it gives num_classes).
+    ks: numbers of neighbours.
+    temperature: the vote's temperature.
+    max_train: use only the first max_train train examples (None: all).
+    max_test: use only the first max_test eval examples (None: all).
+
+  Returns:
+    The accuracies of knn_classify.
   """
+
   def features_of(split, max_examples):
-    ds, _ = multicrop.eval_dataset(config, split, batch_size=config.eval_batch_size, source=source,
-                                   max_examples=max_examples)
+    ds, _ = multicrop.eval_dataset(
+      config, split, batch_size=config.eval_batch_size, source=source, max_examples=max_examples
+    )
     return extract_features(forward, ds.as_numpy_iterator(), mesh)
 
-  return knn_classify(features_of(config.train_split, max_train), features_of(config.eval_split, max_test),
-                      num_classes=source.num_classes, ks=ks, temperature=temperature, mesh=mesh)
+  return knn_classify(
+    features_of(config.train_split, max_train),
+    features_of(config.eval_split, max_test),
+    num_classes=source.num_classes,
+    ks=ks,
+    temperature=temperature,
+    mesh=mesh,
+  )
+
+
+def evaluate_pixels(
+  config,
+  mesh: jax.sharding.Mesh,
+  *,
+  source,
+  ks: Sequence[int],
+  temperature: float,
+  max_train: int | None = None,
+  max_test: int | None = None,
+) -> dict[str, float]:
+  """k-NN accuracy on raw pixels, the baseline that learned features must beat, through evaluate_split_pair.
+
+  Each image goes through the evaluation transform at twice config.eval_crop_size (resize and crop both
+  2C: a square image is kept whole), is 2 x 2 averaged to C px and mean-centred (pixel_features).
+
+  Args:
+    config: the evaluation config, as for evaluate_split_pair.
+    mesh: the mesh to shard the batches over (axis 'data').
+    source: the sources.Source to read both splits from.
+    ks: numbers of neighbours.
+    temperature: the vote's temperature.
+    max_train: use only the first max_train train examples (None: all).
+    max_test: use only the first max_test eval examples (None: all).
+
+  Returns:
+    The accuracies of knn_classify.
+  """
+  size = config.eval_crop_size
+  pixel_config = config.copy_and_resolve_references()
+  pixel_config.eval_resize = pixel_config.eval_crop_size = 2 * size
+  forward = jax.jit(functools.partial(pixel_features, size=size))
+  return evaluate_split_pair(
+    forward,
+    pixel_config,
+    mesh,
+    source=source,
+    ks=ks,
+    temperature=temperature,
+    max_train=max_train,
+    max_test=max_test,
+  )
 
 
 def run(config, workdir: str) -> dict[str, float]:
-  """configs/knn.py: k-NN of a pretrained backbone's teacher features; writes workdir/results.json."""
+  """configs/knn.py: k-NN of a pretrained backbone's teacher features; writes workdir/results.json.
+
+  Args:
+    config: a configs/knn.py config; config.pretrained names an export directory or pretraining workdir.
+    workdir: where results.json is written.
+
+  Returns:
+    The accuracies of knn_classify.
+  """
   if not config.pretrained:
-    raise ValueError("Set --config.pretrained to an export directory or a pretraining workdir.")
+    raise errors.UserError("Set --config.pretrained to an export directory or a pretraining workdir.")
   mesh = sharding.make_mesh()
   dtype = jnp.dtype(config.compute_dtype)
   model, params = export.load_pretrained(config.pretrained, dtype=dtype, sharding=sharding.replicated(mesh))
-  source = sources.get_source(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+  source = sources.get_source(
+    config.dataset,
+    data_dir=config.data_dir,
+    manual_dir=config.manual_dir,
+    splits=(config.train_split, config.eval_split),
+    labels=True,
+  )
 
   features = jax.jit(lambda images: pooled_features(model, params, images, dtype))
-  metrics = evaluate_split_pair(features, config, mesh, source=source, ks=config.ks, temperature=config.temperature,
-                                max_train=config.max_train_examples, max_test=config.max_eval_examples)
+  metrics = evaluate_split_pair(
+    features,
+    config,
+    mesh,
+    source=source,
+    ks=config.ks,
+    temperature=config.temperature,
+    max_train=config.max_train_examples,
+    max_test=config.max_eval_examples,
+  )
   results_lib.write(workdir, metrics, config)
   return metrics

@@ -1,6 +1,19 @@
-"""Networks: the Swin backbone, the DINO heads and the EsViT multi-crop wrapper."""
+"""Networks: the Swin and ViT backbones (one registry), the DINO heads and the EsViT multi-crop wrapper."""
+
+from esvit_jax.models.backbones import VARIANTS, backbone_from_config, build_backbone
 from esvit_jax.models.esvit import EsViT, build_esvit
 from esvit_jax.models.heads import DINOHead, WeightNormDense
-from esvit_jax.models.swin import VARIANTS, SwinTransformer, build_backbone
+from esvit_jax.models.swin import SwinTransformer
+from esvit_jax.models.vit import VisionTransformer
 
-__all__ = ["EsViT", "build_esvit", "DINOHead", "WeightNormDense", "VARIANTS", "SwinTransformer", "build_backbone"]
+__all__ = [
+  "EsViT",
+  "build_esvit",
+  "DINOHead",
+  "WeightNormDense",
+  "VARIANTS",
+  "SwinTransformer",
+  "VisionTransformer",
+  "backbone_from_config",
+  "build_backbone",
+]

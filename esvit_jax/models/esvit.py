@@ -1,25 +1,28 @@
 """EsViT network: a backbone with an unshared view head and region head, run over multi-crop views."""
+
+from collections.abc import Mapping, Sequence
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from esvit_jax.models.backbones import backbone_from_config
 from esvit_jax.models.heads import DINOHead
-from esvit_jax.models.swin import build_backbone
-
-BACKBONE_FIELDS = ("window_size", "image_size", "drop_path_rate", "embed_dim", "depths", "num_heads",
-                   "patch_size", "mlp_ratio", "remat")
 
 
 class EsViT(nn.Module):
   """Backbone + view head (on pooled features) + region head (on every final-norm region token).
 
+  Any backbone of models.backbones: for a Swin the pooled feature is the mean of the stage-4 tokens, for
+  a ViT the CLS token; the regions are the final-norm tokens of the last stage or the patch tokens.
+
   The student and the EMA teacher are this same module applied to two parameter sets; the teacher runs
   with train=False (no drop path) on the global crops only.
   """
+
   backbone: nn.Module
   view_head: nn.Module
   region_head: nn.Module | None = None
@@ -36,8 +39,8 @@ class EsViT(nn.Module):
       batch = crops.shape[0]
       pooled, regions = self.backbone(einops.rearrange(crops, "b n h w c -> (b n) h w c"), train=train)
       out = {
-          "view_logits": einops.rearrange(self.view_head(pooled), "(b n) k -> b n k", b=batch),
-          "region_features": einops.rearrange(regions, "(b n) t c -> b n t c", b=batch),
+        "view_logits": einops.rearrange(self.view_head(pooled), "(b n) k -> b n k", b=batch),
+        "region_features": einops.rearrange(regions, "(b n) t c -> b n t c", b=batch),
       }
       if self.region_head is not None:
         out["region_logits"] = einops.rearrange(self.region_head(regions), "(b n) t k -> b n t k", b=batch)
@@ -46,10 +49,23 @@ class EsViT(nn.Module):
 
 
 def build_esvit(model_config: Mapping[str, Any], *, use_region_head: bool, dtype: Any = jnp.float32) -> EsViT:
-  """The EsViT network described by config.model (see configs/common.py)."""
-  overrides = {k: model_config[k] for k in BACKBONE_FIELDS if k in model_config}
-  backbone = build_backbone(model_config["backbone"], dtype=dtype, **overrides)
-  head = functools.partial(DINOHead, out_dim=model_config["out_dim"], hidden_dim=model_config["hidden_dim"],
-                           bottleneck_dim=model_config["bottleneck_dim"],
-                           norm_last_layer=model_config["norm_last_layer"], dtype=dtype)
+  """The EsViT network described by config.model (see configs/common.py).
+
+  Args:
+    model_config: config.model (backbone fields and out_dim, hidden_dim, bottleneck_dim, norm_last_layer).
+    use_region_head: whether to add the region head (the region loss is on).
+    dtype: the matmul dtype of the backbone and heads.
+
+  Returns:
+    The EsViT module.
+  """
+  backbone = backbone_from_config(model_config, dtype)
+  head = functools.partial(
+    DINOHead,
+    out_dim=model_config["out_dim"],
+    hidden_dim=model_config["hidden_dim"],
+    bottleneck_dim=model_config["bottleneck_dim"],
+    norm_last_layer=model_config["norm_last_layer"],
+    dtype=dtype,
+  )
   return EsViT(backbone=backbone, view_head=head(), region_head=head() if use_region_head else None)

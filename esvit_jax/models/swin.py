@@ -1,4 +1,4 @@
-"""Swin Transformer backbone exactly as EsViT uses it (esvit_spec.md section 1).
+"""Swin Transformer backbone exactly as EsViT uses it (docs/fidelity.md, Swin backbone).
 
 Points where EsViT's Swin differs from a textbook Swin, all reproduced here:
 - LayerNorm eps 1e-6 and exact (erf) GELU.
@@ -12,15 +12,19 @@ Window-attention constants (relative position index, shift masks) are numpy arra
 time from static shapes, so they are never parameters and never reach checkpoints or the EMA.
 Activations between blocks stay float32; matmuls run in `dtype` (bfloat16 for training).
 """
+
+from collections.abc import Sequence
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from esvit_jax import errors
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 # torch's trunc_normal_(std=.02) cuts at +-2 absolute, i.e. 100 sigma: an untruncated normal.
@@ -30,20 +34,34 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "u
 
 
 def torch_default_bias_init(fan_in: int):
-  """torch's default bias init for Linear/Conv: U(+-1/sqrt(fan_in))."""
+  """torch's default bias init for Linear/Conv: U(+-1/sqrt(fan_in)).
+
+  Args:
+    fan_in: the layer's input size (times the kernel area for a convolution).
+
+  Returns:
+    A flax initializer (key, shape, dtype) -> array.
+  """
   bound = 1 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 VARIANTS = {
-    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.1),
-    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
-    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2),
+  "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.1),
+  "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+  "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2),
 }
 
 
 def relative_position_index(window_size: int) -> np.ndarray:
-  """[N, N] index into the ((2w-1)^2, heads) bias table; tokens row-major inside the window."""
+  """[N, N] index into the ((2w-1)^2, heads) bias table; tokens row-major inside the window.
+
+  Args:
+    window_size: w; N = w * w.
+
+  Returns:
+    An int [N, N] numpy array.
+  """
   ys, xs = np.meshgrid(np.arange(window_size), np.arange(window_size), indexing="ij")
   ys, xs = ys.reshape(-1), xs.reshape(-1)
   dy = ys[:, None] - ys[None, :] + window_size - 1
@@ -56,6 +74,15 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift: int) -
 
   The padded map is cut by the slices (0:-w), (-w:-s), (-s:) on each axis into 9 regions; tokens of a
   window attend across regions only through the -100 penalty, as in the official create_attn_mask.
+
+  Args:
+    height: the map's height in tokens (before padding).
+    width: the map's width in tokens (before padding).
+    window_size: w; N = w * w.
+    shift: the cyclic shift s (> 0).
+
+  Returns:
+    A float32 numpy array [num_windows, N, N].
   """
   padded_h = -(-height // window_size) * window_size
   padded_w = -(-width // window_size) * window_size
@@ -68,14 +95,27 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift: int) -
   return np.where(windows[:, :, None] != windows[:, None, :], -100.0, 0.0).astype(np.float32)
 
 
-def block_windows(image_size: int, patch_size: int, depths: Sequence[int],
-                  window_size: int) -> list[list[tuple[int, int]]]:
-  """(window, shift) of every block, fixed from the construction resolution as the official code does."""
+def block_windows(
+  image_size: int, patch_size: int, depths: Sequence[int], window_size: int
+) -> list[list[tuple[int, int]]]:
+  """(window, shift) of every block, fixed from the construction resolution as the official code does.
+
+  Args:
+    image_size: the construction resolution in pixels.
+    patch_size: the patch embedding's stride.
+    depths: blocks per stage.
+    window_size: the configured window; a stage whose map is no larger uses its map size and no shift.
+
+  Returns:
+    One list of (window, shift) per stage, one pair per block.
+  """
   schedule = []
   for stage, depth in enumerate(depths):
     resolution = image_size // patch_size // 2**stage
     if resolution < 1:
-      raise ValueError(f"image_size={image_size} is too small for {len(depths)} stages of patch {patch_size}.")
+      raise errors.UserError(
+        f"image_size={image_size} is too small for {len(depths)} stages of patch {patch_size}."
+      )
     stage_windows = []
     for block in range(depth):
       window, shift = window_size, (0 if block % 2 == 0 else window_size // 2)
@@ -88,6 +128,7 @@ def block_windows(image_size: int, patch_size: int, depths: Sequence[int],
 
 class DropPath(nn.Module):
   """Stochastic depth per sample; the teacher and evaluation run with deterministic=True."""
+
   rate: float
 
   @nn.compact
@@ -101,6 +142,7 @@ class DropPath(nn.Module):
 
 class WindowAttention(nn.Module):
   """Multi-head self-attention inside windows, with a learned relative position bias."""
+
   dim: int
   num_heads: int
   window_size: int
@@ -110,10 +152,12 @@ class WindowAttention(nn.Module):
   def __call__(self, windows: jax.Array, mask: np.ndarray | None) -> jax.Array:
     """windows: [B, num_windows, N, C]; mask: [num_windows, N, N] or None."""
     n = self.window_size**2
-    table = self.param("relative_position_bias_table", dense_init, ((2 * self.window_size - 1)**2, self.num_heads))
+    table = self.param(
+      "relative_position_bias_table", dense_init, ((2 * self.window_size - 1) ** 2, self.num_heads)
+    )
     qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=dense_init, name="qkv")(windows)
     q, k, v = einops.rearrange(qkv, "b w n (three h d) -> three b w h n d", three=3, h=self.num_heads)
-    q = q * (self.dim // self.num_heads)**-0.5
+    q = q * (self.dim // self.num_heads) ** -0.5
     logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k, preferred_element_type=jnp.float32)
     bias = table[relative_position_index(self.window_size).reshape(-1)].reshape(n, n, self.num_heads)
     logits = logits + jnp.transpose(bias, (2, 0, 1))
@@ -140,6 +184,7 @@ class Mlp(nn.Module):
 
 class SwinBlock(nn.Module):
   """Pre-norm (shifted-)window attention block on a [B, H, W, C] map of any size."""
+
   num_heads: int
   window_size: int
   shift: int
@@ -171,6 +216,7 @@ class SwinBlock(nn.Module):
 
 class PatchMerging(nn.Module):
   """2x2 neighbourhood -> one token: [x0, x1, x2, x3] concat, LayerNorm(4C), Linear(4C -> 2C, no bias)."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -186,6 +232,7 @@ class PatchMerging(nn.Module):
 
 class PatchEmbed(nn.Module):
   """Non-overlapping patch_size x patch_size convolution followed by LayerNorm."""
+
   embed_dim: int
   patch_size: int
   dtype: Any = jnp.float32
@@ -193,14 +240,22 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                kernel_init=torch_default_kernel_init,
-                bias_init=torch_default_bias_init(images.shape[-1] * p * p), name="proj")(images)
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(images.shape[-1] * p * p),
+      name="proj",
+    )(images)
     return LayerNorm(name="norm")(x.astype(jnp.float32))
 
 
 class Stage(nn.Module):
   """The blocks of one resolution, then PatchMerging unless it is the last stage."""
+
   windows: Sequence[tuple[int, int]]
   num_heads: int
   drop_path_rates: Sequence[float]
@@ -214,9 +269,10 @@ class Stage(nn.Module):
     """Returns the input of the next stage and the output of every block (before merging)."""
     block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
     features = []
-    for j, ((window, shift), rate) in enumerate(zip(self.windows, self.drop_path_rates)):
-      x = block_cls(self.num_heads, window, shift, self.mlp_ratio, float(rate), self.dtype,
-                    name=f"blocks_{j}")(x, train)
+    for j, ((window, shift), rate) in enumerate(zip(self.windows, self.drop_path_rates, strict=False)):
+      x = block_cls(
+        self.num_heads, window, shift, self.mlp_ratio, float(rate), self.dtype, name=f"blocks_{j}"
+      )(x, train)
       features.append(x)
     if self.downsample:
       x = PatchMerging(self.dtype, name="downsample")(x)
@@ -229,6 +285,17 @@ class SwinTransformer(nn.Module):
   `regions` are the stage-4 tokens after the final LayerNorm (row-major, N = 49 at 224, 9 at 96) and
   `pooled` is their mean. Images are expected normalised with the ImageNet mean and std.
   """
+
+  # The fields that fix the parameters and the computation (what an export records).
+  ARCHITECTURE_FIELDS: ClassVar[tuple[str, ...]] = (
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "image_size",
+    "patch_size",
+    "mlp_ratio",
+  )
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
   num_heads: Sequence[int] = (3, 6, 12, 24)
@@ -242,26 +309,39 @@ class SwinTransformer(nn.Module):
 
   @property
   def num_features(self) -> int:
-    return self.embed_dim * 2**(len(self.depths) - 1)
+    """Width of the pooled feature and the region tokens (channels of the last stage).
+
+    Returns:
+      embed_dim * 2 ** (number of stages - 1).
+    """
+    return self.embed_dim * 2 ** (len(self.depths) - 1)
 
   def setup(self):
     if len(self.depths) != len(self.num_heads):
-      raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length.")
+      raise errors.UserError(f"depths {self.depths} and num_heads {self.num_heads} differ in length.")
     self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.dtype)
     schedule = block_windows(self.image_size, self.patch_size, self.depths, self.window_size)
     rates = np.linspace(0, self.drop_path_rate, sum(self.depths))
     starts = np.cumsum([0, *self.depths])
     self.layers = [
-        Stage(schedule[i], self.num_heads[i], tuple(rates[starts[i]:starts[i + 1]]),
-              downsample=i < len(self.depths) - 1, mlp_ratio=self.mlp_ratio, remat=self.remat,
-              dtype=self.dtype)
-        for i in range(len(self.depths))
+      Stage(
+        schedule[i],
+        self.num_heads[i],
+        tuple(rates[starts[i] : starts[i + 1]]),
+        downsample=i < len(self.depths) - 1,
+        mlp_ratio=self.mlp_ratio,
+        remat=self.remat,
+        dtype=self.dtype,
+      )
+      for i in range(len(self.depths))
     ]
     self.norm = LayerNorm()
 
   def _block_features(self, images: jax.Array, train: bool) -> list[list[jax.Array]]:
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] < self.patch_size:
-      raise ValueError(f"Expected square NHWC images of at least {self.patch_size}px, got shape {images.shape}.")
+      raise errors.UserError(
+        f"Expected square NHWC images of at least {self.patch_size}px, got shape {images.shape}."
+      )
     x = self.patch_embed(images)
     features = []
     for stage in self.layers:
@@ -279,22 +359,17 @@ class SwinTransformer(nn.Module):
 
     Blocks of the last stage go through the final LayerNorm first; earlier ones are pooled as they are
     (spec 5.1): 2304-d for Swin-T/S and 3072-d for Swin-B with n = 4.
+
+    Args:
+      images: NHWC float images, ImageNet-normalised, square.
+      n: number of last blocks, counted across stages.
+
+    Returns:
+      [B, sum of the n blocks' widths] features (evaluation mode, no drop path).
     """
     features = self._block_features(images, train=False)
     last_stage = len(features) - 1
     blocks = [(i, f) for i, stage in enumerate(features) for f in stage][-n:]
     return jnp.concatenate(
-        [(self.norm(f) if i == last_stage else f).mean(axis=(1, 2)) for i, f in blocks], axis=-1)
-
-
-def build_backbone(name: str, **overrides) -> SwinTransformer:
-  """A Swin variant by name ('swin_tiny', 'swin_small', 'swin_base'), with any field overridden.
-
-  e.g. build_backbone('swin_base', window_size=14) or build_backbone('swin_tiny', drop_path_rate=0.0).
-  """
-  if name not in VARIANTS:
-    raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(VARIANTS)}.")
-  fields = {**VARIANTS[name], **overrides}
-  for key in ("depths", "num_heads"):
-    fields[key] = tuple(fields[key])
-  return SwinTransformer(**fields)
+      [(self.norm(f) if i == last_stage else f).mean(axis=(1, 2)) for i, f in blocks], axis=-1
+    )

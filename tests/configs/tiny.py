@@ -1,12 +1,22 @@
 """The demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests."""
+
 from configs import demo
 
 
 def get_config(arg: str | None = None):
   del arg
   config = demo.get_config()
-  config.model.update(dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), image_size=32, out_dim=64,
-                           hidden_dim=32, bottleneck_dim=16))
+  config.model.update(
+    dict(
+      embed_dim=16,
+      depths=(2, 2),
+      num_heads=(1, 2),
+      image_size=32,
+      out_dim=64,
+      hidden_dim=32,
+      bottleneck_dim=16,
+    )
+  )
   config.global_crop_size = 32
   config.local_crop_size = 16
   config.num_local_crops = 2

@@ -1,0 +1,159 @@
+r"""The accelerator check: the Swin-T pretraining step with device augmentation, bf16, two batch sizes.
+
+  python benchmarks/accelerator_check.py                   # on a GPU or TPU host, from the checkout's root
+  python benchmarks/accelerator_check.py --per_device_batches=64,128 --folder=/data/imagenet
+  python benchmarks/accelerator_check.py --config=tests/configs/tiny.py --per_device_batches=1,2 \
+      --steps=2 --warmup=0 --num_images=16 --image_size=48,64 --out_dir=/tmp/check   # seconds, on a CPU
+
+(The benchmarks and configs/ are not installed with the package: run it from a checkout, with
+`pip install -e .[cuda12]` or `[tpu]` done.) It takes under 8 minutes on one GPU or TPU host: two
+compilations of the full step, a few timed steps each, the augmentation alone, and the host pipeline.
+
+Prints one table, one row per per-device batch size: compile s, step ms, images/s, MFU (esvit_jax.flops'
+analytic count over the devices' peak bf16 FLOP/s), peak device memory, the augmentation's share of the
+step (the augmentation jitted alone, over the step time) and the host CPU ms per image of the device-mode
+input pipeline (JPEGs decoded into the canvas: demo JPEGs of --image_size, or the --folder given). Writes
+the same figures with the device kind, package versions and the config to
+<out_dir>/<device kind>-<date>.json. A batch size that does not fit is reported as such, not fatal.
+"""
+
+from collections.abc import Sequence
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import tempfile
+
+from absl import app, flags
+import input_pipeline  # A sibling script: benchmarks/ is on sys.path when run as a script.
+import jax
+import train_step as step_benchmark
+
+from esvit_jax import sharding, writers
+from esvit_jax.data import demo_data, sources
+
+_PER_DEVICE_BATCHES = flags.DEFINE_list(
+  "per_device_batches", ["32", "64"], "Per-device batch sizes, ascending (peak memory only grows)."
+)
+_HOST_BATCHES = flags.DEFINE_integer("host_batches", 8, "Host-pipeline batches of 32 images timed.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "dm-pix",
+  "tensorflow-cpu",
+  "tensorflow",
+  "numpy",
+)
+COLUMNS = (
+  ("per_device_batch", "batch/dev", "d"),
+  ("compile_s", "compile s", ".1f"),
+  ("step_ms", "step ms", ".1f"),
+  ("train_img_s", "images/s", ".1f"),
+  ("mfu_percent", "MFU %", ".1f"),
+  ("peak_memory_gib", "peak GiB", ".2f"),
+  ("augment_share_percent", "augment %", ".1f"),
+  ("host_ms_per_img", "host ms/img", ".2f"),
+)
+
+
+def versions() -> dict[str, str]:
+  """Installed versions of the packages the step depends on (those installed)."""
+  found = {}
+  for name in PACKAGES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {"python": platform.python_version(), **found}
+
+
+def host_ms_per_image(config) -> float:
+  """CPU ms per image of the device-mode input pipeline on --folder or on demo JPEGs (batch 32)."""
+  config = config.copy_and_resolve_references()
+  config.update(augment_on="device", batch_size=32, shuffle_buffer=1000)
+  with tempfile.TemporaryDirectory(prefix="esvit_check_") as root:
+    if input_pipeline.FOLDER.value:
+      root = input_pipeline.FOLDER.value
+    else:
+      size = tuple(int(v) for v in input_pipeline.IMAGE_SIZE.value)
+      demo_data.write_jpeg_folder(root, max(input_pipeline.NUM_IMAGES.value, 64), size)
+    config.dataset = f"folder:{root}"
+    return input_pipeline.time_pretrain_pipeline(
+      config, sources.get_source(config.dataset), _HOST_BATCHES.value
+    )[1]
+
+
+def measure(config, mesh, per_device_batch: int) -> dict:
+  """One row: the step's figures and the augmentation's share of it, or the error if it failed."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = per_device_batch * mesh.size
+  row = {"per_device_batch": per_device_batch, "global_batch": config.batch_size}
+  try:
+    row.update(step_benchmark.benchmark_train_step(config, mesh))
+    row.update(step_benchmark.benchmark_augmentation(config, mesh))
+  except jax.errors.JaxRuntimeError as error:  # Out of memory, most likely: the other row still runs.
+    row["error"] = str(error).splitlines()[0][:300]
+    return row
+  row["augment_share_percent"] = 100 * row["augment_alone_ms"] / row["step_ms"]
+  return row
+
+
+def print_table(rows: Sequence[dict]) -> None:
+  cells = [
+    [row["per_device_batch"], f"failed: {row['error']}"]
+    if "error" in row
+    else ["n/a" if row.get(key) is None else format(row[key], spec) for key, _, spec in COLUMNS]
+    for row in rows
+  ]
+  print(writers.markdown_table([title for _, title, _ in COLUMNS], cells))
+
+
+def main(argv):
+  del argv
+  config = step_benchmark.CONFIG.value.copy_and_resolve_references()
+  config.augment_on = "device"
+  mesh = sharding.make_mesh()
+  device = mesh.devices.flat[0]
+  print(
+    f"{mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+    f"{config.model.backbone} W{config.model.window_size}, 2x{config.global_crop_size} + "
+    f"{config.num_local_crops}x{config.local_crop_size} crops from a {config.canvas_size} canvas, "
+    f"K={config.model.out_dim}, {config.compute_dtype}"
+  )
+  host_ms = host_ms_per_image(config)
+  rows = [measure(config, mesh, int(b)) for b in _PER_DEVICE_BATCHES.value]
+  for row in rows:
+    row["host_ms_per_img"] = host_ms
+  print_table(rows)
+
+  now = datetime.datetime.now(datetime.UTC)
+  kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+  path = os.path.join(_OUT_DIR.value, f"{kind}-{now:%Y-%m-%d}.json")
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(
+      {
+        "device_kind": device.device_kind,
+        "platform": jax.default_backend(),
+        "num_devices": mesh.size,
+        "date": now.isoformat(timespec="seconds"),
+        "versions": versions(),
+        "host_cpu_cores": os.cpu_count(),
+        "host_ms_per_img": host_ms,
+        "rows": rows,
+        "config": json.loads(config.to_json_best_effort()),
+      },
+      f,
+      indent=2,
+    )
+  print(f"\nWrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,12 @@
+r"""EsViT (or DINO) vit_small pretraining on ImageNet-1K with the official ViT recipe (configs/vit_common.py).
+
+python main.py --config configs/vit_s16.py --workdir DIR
+python main.py --config configs/vit_s16.py:patch=8 --workdir DIR            # vit_small/8
+python main.py --config configs/vit_s16.py:dino=true --workdir DIR          # plain DINO (view loss only)
+"""
+
+from configs import vit_common
+
+
+def get_config(arg: str | None = None):
+  return vit_common.vit_pretrain_config("vit_small", arg)

@@ -1,0 +1,240 @@
+"""Plain ViT backbone (DeiT/ViT-Tiny, -Small, -Base) as EsViT and DINO use it.
+
+What the official ViT does, reproduced here:
+- Patch convolution (torch's default init), a CLS token and learned position embeddings for the construction
+  resolution (both trunc-normal 0.02), 12 pre-norm blocks (qkv bias, LayerNorm eps 1e-6, exact GELU, MLP
+  ratio 4), drop path linear over the depth, then a final LayerNorm.
+- Other input sizes: the patch-grid part of the position embeddings is resampled with torch's bicubic
+  `F.interpolate(scale_factor=sqrt(new patches / old patches))`, whose cubic coefficient is -0.75 and whose
+  source coordinates use that scale factor, not the ratio of the grid sizes; the CLS position is kept.
+- Outputs for EsViT: the final-norm CLS token is the view feature, the final-norm patch tokens the regions.
+"""
+
+import math
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esvit_jax import errors
+from esvit_jax.models import swin
+
+VARIANTS = {
+  "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, patch_size=16, drop_path_rate=0.1),
+  "vit_small": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, drop_path_rate=0.1),
+  "vit_base": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, drop_path_rate=0.1),
+}
+CUBIC_COEFFICIENT = -0.75  # torch's bicubic; PIL and jax.image use -0.5.
+
+
+def _cubic_weights(t: np.ndarray, a: float = CUBIC_COEFFICIENT) -> np.ndarray:
+  """[..., 4] weights of the taps at offsets -1, 0, 1, 2 from floor(x), for the fraction t = x - floor(x)."""
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1.
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2.
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, scale_factor: float) -> np.ndarray:
+  """[out, in] matrix of torch's 1-D bicubic resampling (align_corners=False) with a given scale factor.
+
+  As torch: out = floor(in * scale_factor), source x = (i + 0.5) / scale_factor - 0.5 (not clamped),
+  taps clamped to the border; computed in float64 (torch's own float32 arithmetic is ~1e-6 off it).
+  Written here rather than taken from jax.image.resize, whose Keys cubic uses a = -0.5 and the grid-size
+  ratio, both unlike the official call.
+
+  Args:
+    in_size: the input length.
+    scale_factor: torch's scale_factor.
+
+  Returns:
+    A float64 [floor(in_size * scale_factor), in_size] numpy matrix.
+  """
+  out_size = math.floor(in_size * scale_factor)
+  source = (np.arange(out_size, dtype=np.float64) + 0.5) / scale_factor - 0.5
+  first = np.floor(source).astype(np.int64)
+  weights = _cubic_weights(source - first)
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for tap in range(4):
+    np.add.at(matrix, (np.arange(out_size), np.clip(first - 1 + tap, 0, in_size - 1)), weights[:, tap])
+  return matrix
+
+
+def interpolate_pos_embed(pos_embed: jax.Array, num_patches: int) -> jax.Array:
+  """[1, 1 + N, C] position embeddings of a sqrt(N) grid -> [1, 1 + num_patches, C], as the official code.
+
+  Args:
+    pos_embed: [1, 1 + N, C], the CLS position first.
+    num_patches: the new number of patches, a square.
+
+  Returns:
+    [1, 1 + num_patches, C] (pos_embed itself when N == num_patches); raises UserError where torch's
+    bicubic would give another grid size.
+  """
+  old = pos_embed.shape[1] - 1
+  if old == num_patches:
+    return pos_embed
+  side, new_side = math.isqrt(old), math.isqrt(num_patches)
+  matrix = bicubic_matrix(side, math.sqrt(num_patches / old))
+  if matrix.shape[0] != new_side:
+    raise errors.UserError(
+      f"The official bicubic interpolation turns the {side}x{side} position grid into "
+      f"{matrix.shape[0]}x{matrix.shape[0]}, not the input's {new_side}x{new_side} patches; "
+      "choose another input size."
+    )
+  matrix = jnp.asarray(matrix, jnp.float32)
+  grid = pos_embed[0, 1:].reshape(side, side, -1)
+  grid = jnp.einsum("yi,xj,ijc->yxc", matrix, matrix, grid, precision=jax.lax.Precision.HIGHEST)
+  return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, num_patches, -1)], axis=1)
+
+
+class Attention(nn.Module):
+  """Global multi-head self-attention over the CLS and patch tokens."""
+
+  dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, _ = x.shape
+    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=swin.dense_init, name="qkv")(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, -1), 2, 0)
+    q = q * (self.dim // self.num_heads) ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    attention = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "attention", attention)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attention.astype(self.dtype), v).reshape(b, n, self.dim)
+    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=swin.dense_init, name="proj")(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each with drop path."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    drop_path = swin.DropPath(self.drop_path)
+    y = Attention(dim, self.num_heads, self.dtype, name="attn")(swin.LayerNorm(name="norm1")(x))
+    x = x + drop_path(y.astype(jnp.float32), deterministic=not train)
+    y = swin.Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(swin.LayerNorm(name="norm2")(x))
+    return x + drop_path(y.astype(jnp.float32), deterministic=not train)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch_size x patch_size convolution (no norm, unlike Swin's)."""
+
+  embed_dim: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=swin.torch_default_kernel_init,
+      bias_init=swin.torch_default_bias_init(images.shape[-1] * p * p),
+      name="proj",
+    )(images)
+    return x.reshape(x.shape[0], -1, self.embed_dim).astype(jnp.float32)
+
+
+class VisionTransformer(nn.Module):
+  """ViT: square NHWC float images (side a multiple of the patch) -> (pooled [B, C], regions [B, N, C]).
+
+  `pooled` is the final-norm CLS token, `regions` the final-norm patch tokens (row-major, N = 36 for a
+  96 px crop at patch 16). Images are expected normalised with the ImageNet mean and std.
+  """
+
+  # The fields that fix the parameters and the computation (what an export records).
+  ARCHITECTURE_FIELDS: ClassVar[tuple[str, ...]] = (
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "image_size",
+    "mlp_ratio",
+  )
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  patch_size: int = 16
+  image_size: int = 224  # Construction resolution: the grid of the learned position embeddings.
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.1
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def num_features(self) -> int:
+    """Width of the pooled feature and the region tokens.
+
+    Returns:
+      embed_dim.
+    """
+    return self.embed_dim
+
+  def setup(self):
+    if self.image_size % self.patch_size:
+      raise errors.UserError(
+        f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
+      )
+    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.dtype)
+    self.cls_token = self.param("cls_token", swin.dense_init, (1, 1, self.embed_dim))
+    num_patches = (self.image_size // self.patch_size) ** 2
+    self.pos_embed = self.param("pos_embed", swin.dense_init, (1, 1 + num_patches, self.embed_dim))
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0, self.drop_path_rate, self.depth)
+    self.blocks = [
+      block_cls(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, name=f"blocks_{i}")
+      for i in range(self.depth)
+    ]
+    self.norm = swin.LayerNorm()
+
+  def _block_outputs(self, images: jax.Array, train: bool) -> list[jax.Array]:
+    """The [B, 1 + N, C] tokens after every block (before the final norm)."""
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] % self.patch_size:
+      raise errors.UserError(
+        f"Expected square NHWC images whose side is a multiple of {self.patch_size}, got "
+        f"shape {images.shape}."
+      )
+    x = self.patch_embed(images)
+    cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
+    x = jnp.concatenate([cls, x], axis=1) + interpolate_pos_embed(self.pos_embed, x.shape[1])
+    outputs = []
+    for block in self.blocks:
+      x = block(x, train)
+      outputs.append(x)
+    return outputs
+
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    tokens = self.norm(self._block_outputs(images, train)[-1])
+    return tokens[:, 0], tokens[:, 1:]
+
+  def last_blocks(self, images: jax.Array, n: int = 4, avgpool: bool = False) -> jax.Array:
+    """The linear-probe input: the final-norm CLS tokens of the last n blocks, concatenated, followed with
+    `avgpool` by the mean of the last block's final-norm patch tokens (DINO: n=4 for ViT-S, n=1 with
+    avgpool for ViT-B).
+
+    Args:
+      images: NHWC float images, ImageNet-normalised, square, side a multiple of patch_size.
+      n: number of last blocks whose CLS token is taken.
+      avgpool: append the mean patch token of the last block.
+
+    Returns:
+      [B, (n + avgpool) * embed_dim] features (evaluation mode, no drop path).
+    """
+    outputs = [self.norm(x) for x in self._block_outputs(images, train=False)[-n:]]
+    features = [x[:, 0] for x in outputs] + ([outputs[-1][:, 1:].mean(axis=1)] if avgpool else [])
+    return jnp.concatenate(features, axis=-1)
