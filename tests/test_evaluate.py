@@ -64,6 +64,23 @@ def test_probe_feature_dimension_of_swin_tiny_is_2304():
   assert shape.shape == (1, 2304)
 
 
+def demo_probe_config():
+  """A 2-epoch linear probe on the demo data at 32 px (10 steps an epoch)."""
+  config = linear_config.get_config()
+  config.update(
+    dataset="demo",
+    eval_split="test",
+    crop_size=32,
+    eval_resize=36,
+    eval_crop_size=32,
+    batch_size=400,
+    eval_batch_size=200,
+    epochs=2,
+    log_every_steps=5,
+  )
+  return config
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   """A tiny pretraining run with its k-NN monitor at steps 0 and 6, which records its matmul precision."""
@@ -131,18 +148,7 @@ def test_evaluation_on_8_devices_equals_1_device_and_writes_results(pretrained, 
     )
     run = knn.run
   else:
-    config = linear_config.get_config()
-    config.update(
-      dataset="demo",
-      eval_split="test",
-      crop_size=32,
-      eval_resize=36,
-      eval_crop_size=32,
-      batch_size=400,
-      eval_batch_size=200,
-      epochs=2,
-      log_every_steps=5,
-    )
+    config = demo_probe_config()
     run = linear.train_and_evaluate
   config.pretrained = str(workdir / "export")
   results = {}
@@ -168,18 +174,7 @@ def test_evaluation_on_8_devices_equals_1_device_and_writes_results(pretrained, 
 def test_linear_probe_stops_on_sigterm_with_a_checkpoint_that_resumes_to_the_same_result(
   pretrained, tmp_path, monkeypatch
 ):
-  config = linear_config.get_config()
-  config.update(
-    dataset="demo",
-    eval_split="test",
-    crop_size=32,
-    eval_resize=36,
-    eval_crop_size=32,
-    batch_size=400,
-    eval_batch_size=200,
-    epochs=2,
-    log_every_steps=5,
-  )
+  config = demo_probe_config()
   config.pretrained = str(pretrained[0] / "export")
   expected = linear.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
 

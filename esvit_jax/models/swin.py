@@ -231,11 +231,13 @@ class PatchMerging(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Non-overlapping patch_size x patch_size convolution followed by LayerNorm."""
+  """Non-overlapping patch_size x patch_size convolution, with PyTorch's default init, then LayerNorm
+  (Swin) or nothing (ViT, norm=False): float32 [B, H / p, W / p, C]."""
 
   embed_dim: int
   patch_size: int
   dtype: Any = jnp.float32
+  norm: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -250,7 +252,8 @@ class PatchEmbed(nn.Module):
       bias_init=torch_default_bias_init(images.shape[-1] * p * p),
       name="proj",
     )(images)
-    return LayerNorm(name="norm")(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    return LayerNorm(name="norm")(x) if self.norm else x
 
 
 class Stage(nn.Module):

@@ -127,29 +127,6 @@ class Block(nn.Module):
     return x + drop_path(y.astype(jnp.float32), deterministic=not train)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patch_size x patch_size convolution (no norm, unlike Swin's)."""
-
-  embed_dim: int
-  patch_size: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    p = self.patch_size
-    x = nn.Conv(
-      self.embed_dim,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      dtype=self.dtype,
-      kernel_init=swin.torch_default_kernel_init,
-      bias_init=swin.torch_default_bias_init(images.shape[-1] * p * p),
-      name="proj",
-    )(images)
-    return x.reshape(x.shape[0], -1, self.embed_dim).astype(jnp.float32)
-
-
 class VisionTransformer(nn.Module):
   """ViT: square NHWC float images (side a multiple of the patch) -> (pooled [B, C], regions [B, N, C]).
 
@@ -190,7 +167,7 @@ class VisionTransformer(nn.Module):
       raise errors.UserError(
         f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
       )
-    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.dtype)
+    self.patch_embed = swin.PatchEmbed(self.embed_dim, self.patch_size, self.dtype, norm=False)
     self.cls_token = self.param("cls_token", swin.dense_init, (1, 1, self.embed_dim))
     num_patches = (self.image_size // self.patch_size) ** 2
     self.pos_embed = self.param("pos_embed", swin.dense_init, (1, 1 + num_patches, self.embed_dim))
@@ -210,6 +187,7 @@ class VisionTransformer(nn.Module):
         f"shape {images.shape}."
       )
     x = self.patch_embed(images)
+    x = x.reshape(x.shape[0], -1, self.embed_dim)  # Row-major patch tokens.
     cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
     x = jnp.concatenate([cls, x], axis=1) + interpolate_pos_embed(self.pos_embed, x.shape[1])
     outputs = []
