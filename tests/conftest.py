@@ -5,13 +5,20 @@ them off (as Flax's own example tests do) cuts the suite's CPU time by about 40%
 shared by the session and the processes it starts compiles each distinct program once: the tests that run
 main.py again and again (resume, preemption, faults) would otherwise recompile the same train step.
 Tests marked `slow` start processes (main.py, installs, scripts); `make test-fast` leaves them out.
+
+Eight fake devices share two cores with the other pytest worker and the processes tests start: a device's
+thread can reach a collective long after the others. XLA ends the whole process when that wait passes its
+termination timeout (40 s by default), so the suite allows ten minutes.
 """
 
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+  "XLA_FLAGS",
+  "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600",
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

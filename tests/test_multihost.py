@@ -37,7 +37,8 @@ def run_main(workdir, num_processes: int) -> None:
     env = {
       **os.environ,
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // num_processes}",
+      # The session's flags, with the last device count taking precedence.
+      "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={8 // num_processes}",
     }
     cmd = [
       sys.executable,
