@@ -100,6 +100,6 @@ def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
   config.knn_eval_examples = 10_000
   config.eval_batch_size = 256  # Global batch of feature extraction.
   config.profile_steps = 0  # > 0: trace that many steps after the first few.
-  # Warn (once) when the teacher's output stays near-uniform or near one-hot this many log intervals.
+  # Warn (once) when the teacher's output stays near-uniform, or on one prototype, this many log intervals.
   config.collapse_patience = 10
   return config

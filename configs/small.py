@@ -9,7 +9,8 @@ Arguments: dataset ('folder:/path' with train/<class>/*.png and val/<class>/...,
 crop (the training and evaluation crop in px, a multiple of 32), epochs, task (pretrain, knn, linear_probe).
 The algorithm is EsViT's (view and region losses, EMA teacher, multi-crop); only the recipe changes. The
 collapse warning (config.collapse_patience) and the k-NN monitor (config.eval_every_steps) say early if a
-run does not learn.
+run does not learn. The fewer the images, the more epochs: on 1,437 digits (benchmarks/digits.py) 30
+epochs left the k-NN where initialisation put it, 100 and 200 epochs raised it steadily.
 """
 
 from configs import common, knn, linear_probe

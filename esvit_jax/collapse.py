@@ -1,8 +1,10 @@
 """Collapse detection: the teacher's outputs say early when self-supervised pretraining stopped learning.
 
-DINO-style objectives fail in two ways, both visible in the teacher's view distribution over the K
-prototypes: near-uniform outputs (entropy near log K: the features collapse to one point and centring
-spreads it evenly) or near one-hot outputs (entropy near 0: one prototype wins every image). The
+DINO-style objectives fail in two ways, both visible in the teacher's view distributions over the K
+prototypes: near-uniform outputs (the mean entropy per image near log K: the features collapse to one
+point and centring spreads it evenly) or one prototype winning every image (the entropy of the batch's
+mean distribution near 0). The entropy per image alone cannot tell the second: a healthy teacher at a
+low temperature is confident, near 0 per image, while its batch still spreads over many prototypes. The
 standard deviation of the L2-normalised teacher embeddings over the batch goes to 0 in both cases
 (about 1/sqrt(D) for spread-out features). `CollapseMonitor` reads the logged metrics and warns once
 when either state lasts `patience` consecutive log intervals, naming the config fields to change.
@@ -16,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-UNIFORM_FRACTION = 0.97  # Entropy at or above this fraction of log K: near-uniform (healthy runs: <= 0.94).
-ONE_HOT_FRACTION = 0.05  # Entropy at or below this fraction of log K: near one-hot.
+UNIFORM_FRACTION = 0.97  # Entropy per image at or above this share of log K: near-uniform (healthy: <= 0.94).
+ONE_HOT_FRACTION = 0.05  # Entropy of the batch's mean at or below this fraction of log K: one prototype.
 
 _ADVICE = {
   "uniform": (
@@ -30,7 +32,7 @@ _ADVICE = {
     "config.model.norm_last_layer=True, or a lower config.lr",
   ),
   "one_hot": (
-    "near one-hot",
+    "on one prototype for every image",
     "one prototype wins for every image (the teacher is sharpened more than centring can balance)",
     "raise config.teacher_temp and config.warmup_teacher_temp, lower config.center_momentum (e.g. 0.9: "
     "the centre follows faster), or lower config.lr",
@@ -52,19 +54,21 @@ def embedding_std(embeddings: jax.Array) -> jax.Array:
   return jnp.mean(jnp.std(x, axis=0))
 
 
-def teacher_state(entropy: float, num_prototypes: int) -> str | None:
-  """'uniform', 'one_hot' or None (healthy) for a mean teacher entropy over K prototypes.
+def teacher_state(entropy: float, batch_entropy: float, num_prototypes: int) -> str | None:
+  """'uniform', 'one_hot' or None (healthy) for the teacher's entropies over K prototypes.
 
   Args:
-    entropy: the mean entropy (nats) of the teacher's view distributions.
+    entropy: the mean entropy (nats) of the teacher's view distributions, one per image.
+    batch_entropy: the entropy (nats) of their mean over the batch.
     num_prototypes: K, the number of prototypes the distributions are over.
 
   Returns:
-    'uniform' at or above UNIFORM_FRACTION of log K, 'one_hot' at or below ONE_HOT_FRACTION, else None.
+    'uniform' when `entropy` is at or above UNIFORM_FRACTION of log K, 'one_hot' when `batch_entropy` is
+    at or below ONE_HOT_FRACTION of log K, else None.
   """
   if entropy >= UNIFORM_FRACTION * math.log(num_prototypes):
     return "uniform"
-  if entropy <= ONE_HOT_FRACTION * math.log(num_prototypes):
+  if batch_entropy <= ONE_HOT_FRACTION * math.log(num_prototypes):
     return "one_hot"
   return None
 
@@ -90,15 +94,16 @@ class CollapseMonitor:
 
     Args:
       step: the train step the metrics were logged at.
-      metrics: the logged metrics; teacher_entropy is read (and teacher_embedding_std, when present).
+      metrics: the logged metrics; teacher_entropy and teacher_batch_entropy are read (and
+        teacher_embedding_std, when present).
 
     Returns:
       The warning, the first time one collapsed state has lasted `patience` log intervals; else None.
     """
     if self.warned or "teacher_entropy" not in metrics:
       return None
-    entropy = float(metrics["teacher_entropy"])
-    state = teacher_state(entropy, self.num_prototypes)
+    entropy, batch_entropy = float(metrics["teacher_entropy"]), float(metrics["teacher_batch_entropy"])
+    state = teacher_state(entropy, batch_entropy, self.num_prototypes)
     if state is None or state != self._state:
       self._state, self._count, self._since = state, 0, step
     if state is None:
@@ -115,7 +120,8 @@ class CollapseMonitor:
     )
     return (
       f"Collapse: the teacher's output has been {name} for {self._count} log intervals since step "
-      f"{self._since} (entropy {entropy:.3f} of log K = {math.log(self.num_prototypes):.3f}{std}). "
+      f"{self._since} (entropy per image {entropy:.3f}, of the batch's mean {batch_entropy:.3f}, of log K = "
+      f"{math.log(self.num_prototypes):.3f}{std}). "
       f"Likely cause: {cause}. To change: {fix}. The k-NN monitor (config.eval_every_steps) shows "
       "whether the features still improve."
     )

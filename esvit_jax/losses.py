@@ -117,6 +117,22 @@ def entropy(log_probs: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
 
 
+def batch_entropy(probs: jax.Array) -> jax.Array:
+  """Entropy of the mean of all distributions on the last axis: near 0 only when one outcome wins for all.
+
+  A confident teacher has a low entropy per image; only when the whole batch is on one prototype does the
+  entropy of its mean distribution fall too.
+
+  Args:
+    probs: [..., K] probabilities.
+
+  Returns:
+    The scalar entropy in nats of the [K] mean distribution.
+  """
+  mean = jnp.mean(probs.reshape(-1, probs.shape[-1]).astype(jnp.float32), axis=0)
+  return jnp.sum(jax.scipy.special.entr(mean))
+
+
 def esvit_loss(
   student_outputs: Sequence[Mapping[str, jax.Array]],
   teacher_output: Mapping[str, jax.Array],
@@ -139,7 +155,8 @@ def esvit_loss(
     student_temp: student temperature (0.1).
     region_loss_weight: w in (1 - w) * view + w * region.
   Returns:
-    The scalar loss and {'view_loss', 'region_loss' (only when w > 0), 'teacher_entropy'}.
+    The scalar loss and {'view_loss', 'region_loss' (only when w > 0), 'teacher_entropy',
+    'teacher_batch_entropy'}.
   """
   teacher_logp = teacher_log_probs(teacher_output["view_logits"], center, teacher_temp)
   teacher_probs = jnp.exp(teacher_logp)
@@ -149,7 +166,11 @@ def esvit_loss(
       for out in student_outputs
     ]
   )
-  aux = {"view_loss": view, "teacher_entropy": entropy(teacher_logp)}
+  aux = {
+    "view_loss": view,
+    "teacher_entropy": entropy(teacher_logp),
+    "teacher_batch_entropy": batch_entropy(teacher_probs),
+  }
   if not region_loss_weight:
     return view, aux
   teacher_region_probs = jnp.exp(

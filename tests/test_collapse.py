@@ -14,13 +14,15 @@ K = 1024
 LOG_K = math.log(K)
 
 
-def warnings_of(entropies, patience=3, num_prototypes=K):
+def warnings_of(entropies, batch_entropies=None, patience=3, num_prototypes=K):
+  """The monitor's warnings on a stream of per-image entropies (batch entropies: log K unless given)."""
   monitor = collapse.CollapseMonitor(num_prototypes, patience=patience)
-  return [
-    (step, w)
-    for step, e in enumerate(entropies)
-    if (w := monitor.update(step, {"teacher_entropy": e, "teacher_embedding_std": 0.001}))
-  ]
+  batch_entropies = [LOG_K] * len(entropies) if batch_entropies is None else batch_entropies
+  metrics = (
+    {"teacher_entropy": e, "teacher_batch_entropy": b, "teacher_embedding_std": 0.001}
+    for e, b in zip(entropies, batch_entropies, strict=True)
+  )
+  return [(step, w) for step, m in enumerate(metrics) if (w := monitor.update(step, m))]
 
 
 def test_uniform_teacher_warns_once_after_patience_intervals_naming_the_fields():
@@ -39,10 +41,15 @@ def test_uniform_teacher_warns_once_after_patience_intervals_naming_the_fields()
   assert "embedding std 0.0010" in text
 
 
-def test_one_hot_teacher_warns_once_with_its_own_advice():
-  (warned,) = warnings_of([3.0] + [0.01] * 6)
+def test_one_prototype_for_every_image_warns_once_with_its_own_advice():
+  (warned,) = warnings_of([3.0] + [0.01] * 6, [5.0] + [0.01] * 6)
   assert warned[0] == 3
-  assert "near one-hot" in warned[1] and "config.center_momentum" in warned[1]
+  assert "one prototype for every image" in warned[1] and "config.center_momentum" in warned[1]
+
+
+def test_a_confident_teacher_whose_batch_spreads_over_prototypes_does_not_warn():
+  # A healthy run at teacher temperature 0.04 measured 0.1 to 0.3 nats per image, far from log K per batch.
+  assert not warnings_of([0.1] * 20, [0.8 * LOG_K] * 20)
 
 
 def test_healthy_or_interrupted_streams_do_not_warn():
@@ -50,15 +57,16 @@ def test_healthy_or_interrupted_streams_do_not_warn():
   assert not warnings_of(healthy)
   # Collapsed for patience - 1 intervals at a time, with healthy or opposite states in between.
   broken = [6.9, 6.9, 5.0, 6.9, 6.9, 0.0, 0.0, 6.9, 6.9, 3.0] * 3
-  assert not warnings_of(broken)
-  assert len(warnings_of(broken, patience=2)) == 1
+  assert not warnings_of(broken, broken)
+  assert len(warnings_of(broken, broken, patience=2)) == 1
 
 
 def test_thresholds_are_fractions_of_log_k():
-  assert collapse.teacher_state(0.97 * math.log(64), 64) == "uniform"
-  assert collapse.teacher_state(0.96 * math.log(64), 64) is None
-  assert collapse.teacher_state(0.05 * math.log(64), 64) == "one_hot"
-  assert collapse.teacher_state(0.06 * math.log(64), 64) is None
+  log_k = math.log(64)
+  assert collapse.teacher_state(0.97 * log_k, log_k, 64) == "uniform"
+  assert collapse.teacher_state(0.96 * log_k, log_k, 64) is None
+  assert collapse.teacher_state(0.0, 0.05 * log_k, 64) == "one_hot"
+  assert collapse.teacher_state(0.0, 0.06 * log_k, 64) is None
 
 
 def test_embedding_std_matches_numpy_and_is_zero_on_collapse():

@@ -128,6 +128,16 @@ def test_teacher_entropy():
   expected = np.mean(-np.sum(probs * np.log(probs), axis=-1))
   _, aux = run_loss(student, teacher, centers, 0.5)
   np.testing.assert_allclose(aux["teacher_entropy"], expected, rtol=1e-4)
+  mean = probs.reshape(-1, probs.shape[-1]).mean(axis=0)
+  np.testing.assert_allclose(aux["teacher_batch_entropy"], -np.sum(mean * np.log(mean)), rtol=1e-4)
+
+
+def test_batch_entropy_is_zero_when_every_distribution_is_on_one_outcome():
+  one_hot = np.zeros((4, 2, 8), np.float32)
+  one_hot[..., 3] = 1.0
+  assert float(losses.batch_entropy(jnp.asarray(one_hot))) == 0.0
+  spread = np.eye(8, dtype=np.float32).reshape(4, 2, 8)  # Each image confident, the batch uniform.
+  np.testing.assert_allclose(float(losses.batch_entropy(jnp.asarray(spread))), np.log(8), rtol=1e-6)
 
 
 def test_gradient_only_through_student_logits():

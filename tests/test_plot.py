@@ -30,6 +30,7 @@ def training_records(with_region=True, with_knn=True):
       "loss": 5 - step / 50,
       "view_loss": 5 - step / 40,
       "teacher_entropy": 3 + step / 100,
+      "teacher_batch_entropy": 6.0,
       "teacher_embedding_std": 0.08,
       "lr": step * 1e-5,
       "grad_norm": 1.0,
@@ -44,7 +45,7 @@ def training_records(with_region=True, with_knn=True):
 
 
 @pytest.mark.parametrize(
-  "with_region,with_knn,panels", [(True, True, 7), (False, True, 6), (False, False, 5)]
+  "with_region,with_knn,panels", [(True, True, 8), (False, True, 7), (False, False, 6)]
 )
 def test_one_panel_per_metric_present(with_region, with_knn, panels):
   fig = plot.plot_curves(training_records(with_region, with_knn))

@@ -90,6 +90,7 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
     "momentum",
     "teacher_temp",
     "teacher_entropy",
+    "teacher_batch_entropy",
     "grad_norm",
     "images_per_sec",
     "input_wait",

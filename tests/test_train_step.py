@@ -202,6 +202,7 @@ def test_view_only_step_has_no_region_head():
     "momentum",
     "teacher_temp",
     "teacher_entropy",
+    "teacher_batch_entropy",
     "grad_norm",
     "teacher_embedding_std",
   }
