@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 UNIFORM_FRACTION = 0.97  # Entropy per image at or above this share of log K: near-uniform (healthy: <= 0.94).
-ONE_HOT_FRACTION = 0.05  # Entropy of the batch's mean at or below this fraction of log K: one prototype.
+ONE_HOT_FRACTION = 0.05  # Entropy of the batch's mean at or below this share of log K: one prototype.
 
 _ADVICE = {
   "uniform": (

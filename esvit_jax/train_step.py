@@ -141,9 +141,9 @@ class Pretraining:
     The metrics are float32 scalars of this step: loss, view_loss, region_loss (with the region loss), lr,
     wd, momentum, teacher_temp, teacher_entropy (mean entropy of the teacher's view distribution: it
     climbs to log K on collapse to uniform), teacher_batch_entropy (entropy of the batch's mean view
-    distribution: it falls to 0 on collapse to one prototype), grad_norm (global
-    norm of the gradients before clipping) and teacher_embedding_std (collapse.embedding_std of the
-    teacher's pooled features: near 0 on collapse).
+    distribution: it falls to 0 on collapse to one prototype), grad_norm (global norm of the gradients
+    before clipping) and teacher_embedding_std (collapse.embedding_std of the teacher's pooled features:
+    near 0 on collapse).
 
     Returns:
       The jitted step function.
