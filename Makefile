@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 TORCH_VERSION := 2.13.0
 
-.PHONY: install install-torch test test-fast lint demo clean
+.PHONY: install install-torch test test-fast lint demo mutants clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-fast: $(VENV)/.installed-torch
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Every mutant of docs/fidelity.md against the tests that guard its behaviour (tests/mutants.py).
+mutants: $(VENV)/.installed-torch
+	$(PY) tests/mutants.py
 
 demo: $(VENV)/.installed
 	$(PY) -m esvit_jax.demo --workdir demo_workdir

@@ -8,21 +8,21 @@ r"""esvit-jax entry point: every host of a pod or cluster runs the same command.
 A user's mistake (a bad flag or config value, a missing dataset or checkpoint) ends the run with its
 message and exit code 2; any other failure is a bug and shows its traceback.
 
+The console shows what runs, one progress line, warnings and results; every log line (absl INFO: metrics,
+Orbax, TensorFlow) goes to WORKDIR/log.txt. --alsologtostderr shows them on the console too.
+
 Multi-host: pass --distributed (the launch/ scripts do) to join JAX's multi-controller runtime; the
 coordinator is found from the TPU or SLURM environment, or given with --coordinator_address,
 --num_processes and --process_id.
 """
 
-import logging as std_logging
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from esvit_jax import cli, errors
+from esvit_jax import cli, console, errors  # console quiets TensorFlow's C++ notices before its import.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here (local path or gs://).")
@@ -36,25 +36,20 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 @cli.exit_on_user_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=cli.USER_ERROR_EXIT_CODE)
-  config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]  # Without its argument.
-  if not os.path.isfile(config_file):  # config_flags would only fail later, with a traceback.
-    raise errors.NotFoundError(f"--config {config_file}: no such file.")
-  logging.get_absl_handler().addFilter(quiet_orbax)
+  config_file = config_flags.get_config_filename(FLAGS["config"])
+  if not os.path.isfile(config_file.split(":")[0]):  # config_flags would only fail later, with a traceback.
+    raise errors.NotFoundError(f"--config {config_file.split(':')[0]}: no such file.")
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
     )
+  console.log_to_file(FLAGS.workdir)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerator memory to JAX.
@@ -69,7 +64,7 @@ def main(argv: list[str]) -> None:
 
   from esvit_jax import tasks  # pylint: disable=g-import-not-at-top
 
-  tasks.run(FLAGS.config, FLAGS.workdir)
+  tasks.run(FLAGS.config, FLAGS.workdir, config_file)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ r"""The accelerator check: the Swin-T pretraining step with device augmentation,
   python benchmarks/accelerator_check.py --config=tests/configs/tiny.py --per_device_batches=1,2 \
       --steps=2 --warmup=0 --num_images=16 --image_size=48,64 --out_dir=/tmp/check   # seconds, on a CPU
 
-(The benchmarks and configs/ are not installed with the package: run it from a checkout, with
-`pip install -e .[cuda12]` or `[tpu]` done.) It takes under 8 minutes on one GPU or TPU host: two
-compilations of the full step, a few timed steps each, the augmentation alone, and the host pipeline.
+Run it from a checkout's root with esvit_jax installed (`pip install -e .[cuda12]` or `[tpu]`), or, on a
+host without network or TensorFlow, with the wheels of README.md's "Results and speed" installed. Meant to
+take under 8 minutes on one GPU or TPU host: two compilations of the full step, a few timed steps each,
+the augmentation alone, and the host pipeline. Neither TensorFlow nor tensorflow-datasets is needed: without
+them the host pipeline is skipped and the output says so.
 
 Prints one table, one row per per-device batch size: compile s, step ms, images/s, MFU (esvit_jax.flops'
 analytic count over the devices' peak bf16 FLOP/s), peak device memory, the augmentation's share of the
@@ -31,8 +33,8 @@ import input_pipeline  # A sibling script: benchmarks/ is on sys.path when run a
 import jax
 import train_step as step_benchmark
 
-from esvit_jax import sharding, writers
-from esvit_jax.data import demo_data, sources
+from esvit_jax import console, sharding
+from esvit_jax.data import demo_data
 
 _PER_DEVICE_BATCHES = flags.DEFINE_list(
   "per_device_batches", ["32", "64"], "Per-device batch sizes, ascending (peak memory only grows)."
@@ -46,6 +48,7 @@ PACKAGES = (
   "optax",
   "orbax-checkpoint",
   "dm-pix",
+  "ml-collections",
   "tensorflow-cpu",
   "tensorflow",
   "numpy",
@@ -75,6 +78,8 @@ def versions() -> dict[str, str]:
 
 def host_ms_per_image(config) -> float:
   """CPU ms per image of the device-mode input pipeline on --folder or on demo JPEGs (batch 32)."""
+  from esvit_jax.data import sources  # pylint: disable=g-import-not-at-top  # Needs TensorFlow.
+
   config = config.copy_and_resolve_references()
   config.update(augment_on="device", batch_size=32, shuffle_buffer=1000)
   with tempfile.TemporaryDirectory(prefix="esvit_check_") as root:
@@ -111,7 +116,7 @@ def print_table(rows: Sequence[dict]) -> None:
     else ["n/a" if row.get(key) is None else format(row[key], spec) for key, _, spec in COLUMNS]
     for row in rows
   ]
-  print(writers.markdown_table([title for _, title, _ in COLUMNS], cells))
+  print(console.markdown_table([title for _, title, _ in COLUMNS], cells))
 
 
 def main(argv):
@@ -126,11 +131,13 @@ def main(argv):
     f"{config.num_local_crops}x{config.local_crop_size} crops from a {config.canvas_size} canvas, "
     f"K={config.model.out_dim}, {config.compute_dtype}"
   )
-  host_ms = host_ms_per_image(config)
+  host_pipeline = step_benchmark.host_pipeline_unavailable()
+  host_ms = None if host_pipeline else host_ms_per_image(config)
   rows = [measure(config, mesh, int(b)) for b in _PER_DEVICE_BATCHES.value]
   for row in rows:
     row["host_ms_per_img"] = host_ms
   print_table(rows)
+  print(f"host pipeline: {host_pipeline or 'measured (host ms/img: device-mode decode into the canvas)'}")
 
   now = datetime.datetime.now(datetime.UTC)
   kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
@@ -146,6 +153,7 @@ def main(argv):
         "versions": versions(),
         "host_cpu_cores": os.cpu_count(),
         "host_ms_per_img": host_ms,
+        "host_pipeline": host_pipeline or "measured",
         "rows": rows,
         "config": json.loads(config.to_json_best_effort()),
       },

@@ -19,7 +19,7 @@ from absl import app, flags
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from esvit_jax import writers
+from esvit_jax import console
 from esvit_jax.data import demo_data, sources
 
 _NUM = flags.DEFINE_integer("num_images", 256, "Demo JPEGs to write.")
@@ -101,7 +101,7 @@ def main(argv):
     shutil.rmtree(root, ignore_errors=True)
   folder_cpu = results["image folder"][1]
   print(
-    writers.markdown_table(
+    console.markdown_table(
       ["source", "images/s (wall)", "CPU ms/image", "CPU vs folder"],
       [
         [name, f"{rate:.1f}", f"{cpu:.2f}", f"{cpu / folder_cpu:.2f}x"]

@@ -1,16 +1,22 @@
 r"""Fault injection: kill a tiny pretraining run again and again, resume it, and compare with a clean run.
 
   python benchmarks/faults.py --kills 20            # the full loop (recorded in README.md)
-  python benchmarks/faults.py --kills 3 --steps 12  # what tests/test_faults.py runs
+  python benchmarks/faults.py --kills 3 --steps 4   # what tests/test_faults.py runs
 
-Each attempt starts `main.py` on tests/configs/tiny.py in one workdir and kills it with SIGKILL or SIGTERM
-at a random moment: at a random time after training started, or right when an asynchronous checkpoint is
-being written (its temporary directory exists). The run is restarted until it completes. Then its losses
-and final teacher must equal those of an uninterrupted run. Prints kills, resumes, steps lost per kill,
-corrupt checkpoints (restores that had to fall back) and the divergence.
+Each attempt starts `main.py` on tests/configs/tiny.py and kills it with SIGKILL or SIGTERM at a step drawn
+before the run's end (the kills left are spread over the steps left), or, half of the time, as soon as an
+asynchronous checkpoint is being written (its temporary directory exists) after training resumed. The run is
+restarted from its checkpoints until it completes; its losses and final teacher must then equal those of an
+uninterrupted run. A kill lands when it interrupts the run before its end; a run that completes before all
+kills landed (a fast machine can outrun the poll) is compared too, and the kills left go to a fresh run.
+
+Prints each kill, a table (kills, resumes, steps lost per kill, corrupt checkpoints: restores that had to
+fall back, the divergences) and "kills landed: N of N"; exits with 1 when fewer kills landed than asked or
+any divergence exceeds --tolerance.
 """
 
 import argparse
+import dataclasses
 import glob
 import os
 import random
@@ -24,9 +30,10 @@ import time
 import jax
 import numpy as np
 
-from esvit_jax import checkpointing, export, writers
+from esvit_jax import checkpointing, console, export, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # main.py and tests/configs/ live here.
+CKPT_EVERY = 2
 
 
 def start(workdir: str, steps: int, env: dict[str, str]) -> subprocess.Popen:
@@ -37,43 +44,107 @@ def start(workdir: str, steps: int, env: dict[str, str]) -> subprocess.Popen:
     "tests/configs/tiny.py",
     f"--workdir={workdir}",
     f"--config.total_steps={steps}",
-    "--config.ckpt_every_steps=2",
+    f"--config.ckpt_every_steps={CKPT_EVERY}",
   ]
   log = open(f"{workdir}.log", "a")
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def logged_steps(workdir: str) -> int:
-  return max((r["step"] for r in writers.read_metrics(workdir) if "loss" in r), default=0)
+def loss_records(workdir: str) -> list[dict]:
+  return [r for r in writers.read_metrics(workdir) if "loss" in r]
+
+
+def saved_step(workdir: str) -> int:
+  return max(checkpointing.Checkpointer(workdir).all_steps(), default=0)
 
 
 def saving_now(workdir: str) -> bool:
   return bool(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")))
 
 
-def kill_at_random_moment(
-  proc: subprocess.Popen, workdir: str, rng: random.Random, timeout: float
-) -> str | None:
-  """Waits for a random moment of training, then kills; None if the run finished first."""
-  first = logged_steps(workdir)
+@dataclasses.dataclass
+class Kill:
+  how: str  # The signal, and whether it was aimed at a checkpoint save.
+  reached: int  # The last step the killed attempt logged.
+  saved: int  # The last checkpoint after it: where the restart resumes.
+
+
+def kill_by_step(
+  proc: subprocess.Popen, workdir: str, total: int, kills_left: int, rng: random.Random, timeout: float
+):
+  """Kills the attempt at a drawn step before the run's end (or at a checkpoint save after training resumed).
+
+  The step is drawn from the next (steps left) / (kills left) steps, before the last one, so that every
+  kill can land before the run ends, even with more kills than steps (a resumed attempt can be killed again
+  before its next checkpoint). A SIGTERM stops the run only after the step in flight, so it is aimed at a
+  step at least two before the last, and replaced by a SIGKILL where the run has no such step left.
+  Returns the Kill, or None when the attempt completed first; raises if it runs past `timeout` seconds.
+  """
   deadline = time.time() + timeout
-  while logged_steps(workdir) <= first:  # Training (not start-up) has begun.
-    if proc.poll() is not None or time.time() > deadline:
-      return None
-    time.sleep(0.05)
+  resumed = saved_step(workdir)
+  records_before = len(loss_records(workdir))  # Records of earlier attempts: their steps may lie ahead.
+  sig = rng.choice([signal.SIGKILL, signal.SIGTERM]) if resumed + 1 <= total - 2 else signal.SIGKILL
+  last = total - 1 if sig == signal.SIGKILL else total - 2
+  target = min(resumed + 1 + rng.randrange(max(1, (last - resumed) // kills_left)), last)
   during_save = rng.random() < 0.5
-  wait_until = time.time() + rng.uniform(0.0, 3.0)
-  while proc.poll() is None and time.time() < deadline:
-    if saving_now(workdir) if during_save else time.time() >= wait_until:
-      sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+
+  def reached() -> int:
+    return max((r["step"] for r in loss_records(workdir)[records_before:]), default=resumed)
+
+  while proc.poll() is None:
+    if reached() >= target or (during_save and resumed < reached() <= last and saving_now(workdir)):
       proc.send_signal(sig)
       proc.wait()
-      return f"{sig.name}{' during a checkpoint save' if during_save else ''}"
+      saved = saved_step(workdir)
+      if proc.returncode != -signal.SIGKILL and saved >= total:  # A SIGTERM after the last step is moot.
+        return None
+      return Kill(f"{sig.name}{' during a checkpoint save' if during_save else ''}", reached(), saved)
+    if time.time() > deadline:
+      proc.kill()
+      raise RuntimeError(f"An attempt ran past {timeout} s; see {workdir}.log")
     time.sleep(0.005)
   return None
 
 
-def run(kills: int, steps: int, seed: int, workdir_root: str, timeout: float = 600.0) -> dict[str, float]:
+def divergence(clean: str, faulty: str) -> tuple[float, float]:
+  """(max |loss difference| over the logged steps, max |teacher parameter difference|) of two runs."""
+  reference = {r["step"]: r["loss"] for r in loss_records(clean)}
+  final = {r["step"]: r["loss"] for r in loss_records(faulty)}  # Last write wins: the resumed attempt's.
+  loss = max(abs(final[s] - reference[s]) for s in reference) if final.keys() == reference.keys() else np.inf
+  a, b = (jax.device_get(export.load_backbone(os.path.join(d, "export"))[1]) for d in (clean, faulty))
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return loss, max(float(np.max(np.abs(x - y))) for x, y in pairs)
+
+
+def damaged_restores(workdir: str) -> int:
+  """Restores that skipped a damaged checkpoint, from the console capture or WORKDIR/log.txt (both hold
+  warnings; the larger count is taken so that neither is counted twice)."""
+  counts = [0]
+  for path in (f"{workdir}.log", os.path.join(workdir, "log.txt")):
+    if os.path.exists(path):
+      with open(path, errors="replace") as f:
+        counts.append(f.read().count("is damaged"))
+  return max(counts)
+
+
+def run(
+  kills: int, steps: int, seed: int, workdir_root: str, timeout: float = 600.0, max_runs: int = 5
+) -> dict[str, float]:
+  """Lands `kills` kills on runs of `steps` steps and compares every completed run with a clean one.
+
+  Args:
+    kills: kills to land.
+    steps: length of each run (at least 2: a kill must come before the last step).
+    seed: seeds the choice of steps, signals and save-aimed kills.
+    workdir_root: holds the clean run, the killed runs and the compilation cache.
+    timeout: seconds any one attempt may take.
+    max_runs: killed runs to start at most (a run that completes before its kills landed ends one).
+
+  Returns:
+    The figures printed by main(); 'kills' is the number that landed.
+  """
+  if steps < 2:
+    raise ValueError("--steps must be at least 2: kills land before the last step.")
   rng = random.Random(seed)
   # Every attempt compiles the same program: a shared compilation cache makes restarts quick.
   env = {
@@ -82,70 +153,71 @@ def run(kills: int, steps: int, seed: int, workdir_root: str, timeout: float = 6
     "JAX_PLATFORMS": "cpu",
     "TF_CPP_MIN_LOG_LEVEL": "2",
   }
-  clean, faulty = os.path.join(workdir_root, "clean"), os.path.join(workdir_root, "faulty")
+  clean = os.path.join(workdir_root, "clean")
   if start(clean, steps, env).wait(timeout) != 0:
     raise RuntimeError(f"The uninterrupted run failed; see {clean}.log")
 
-  done, lost, resumes, attempts = 0, [], 0, 0
-  while True:
-    attempts += 1
-    proc = start(faulty, steps, env)
-    how = kill_at_random_moment(proc, faulty, rng, timeout) if done < kills else None
-    if how is None:
-      if proc.wait(timeout) != 0:
-        raise RuntimeError(f"Attempt {attempts} failed on its own; see {faulty}.log")
-      break
-    done += 1
-    reached = logged_steps(faulty)
-    saved = max(checkpointing.Checkpointer(faulty).all_steps(), default=0)
-    lost.append(reached - saved)
-    resumes += 1
-    print(
-      f"kill {done:2d}: {how:<32} at step {reached:3d}, last checkpoint {saved:3d}, lost {reached - saved}"
-    )
+  landed, attempts, outrun, runs = [], 0, 0, []
+  while len(landed) < kills and len(runs) < max_runs:
+    faulty = os.path.join(workdir_root, f"faulty_{len(runs)}")
+    runs.append(faulty)
+    while True:
+      attempts += 1
+      proc = start(faulty, steps, env)
+      kills_left = kills - len(landed)
+      kill = kill_by_step(proc, faulty, steps, kills_left, rng, timeout) if kills_left else None
+      if kill is None:
+        if proc.wait(timeout) != 0:
+          raise RuntimeError(f"Attempt {attempts} failed on its own; see {faulty}.log")
+        outrun += len(landed) < kills
+        break
+      landed.append(kill)
+      print(
+        f"kill {len(landed):2d}: {kill.how:<32} at step {kill.reached:3d}, last checkpoint {kill.saved:3d}, "
+        f"lost {kill.reached - kill.saved}",
+        flush=True,
+      )
 
-  log = open(f"{faulty}.log").read()
-  corrupt = log.count("is damaged")
-  reference = {r["step"]: r["loss"] for r in writers.read_metrics(clean) if "loss" in r}
-  final = {r["step"]: r["loss"] for r in writers.read_metrics(faulty) if "loss" in r}  # Last write wins.
-  loss_divergence = (
-    max(abs(final[s] - reference[s]) for s in reference) if final.keys() == reference.keys() else np.inf
-  )
-  a, b = (jax.device_get(export.load_backbone(os.path.join(d, "export"))[1]) for d in (clean, faulty))
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  param_divergence = max(float(np.max(np.abs(x - y))) for x, y in pairs)
+  divergences = [divergence(clean, faulty) for faulty in runs]
+  lost = [k.reached - k.saved for k in landed]
   return {
-    "kills": done,
-    "resumes_succeeded": resumes,
+    "kills_asked": kills,
+    "kills": len(landed),
+    "resumes_succeeded": len(landed),  # Each killed attempt was resumed by one that went on to complete.
     "attempts": attempts,
+    "runs": len(runs),
+    "kills_outrun": outrun,
     "mean_steps_lost_per_kill": float(np.mean(lost)) if lost else 0.0,
     "max_steps_lost_per_kill": max(lost, default=0),
-    "corrupt_checkpoints": corrupt,
-    "max_loss_divergence": loss_divergence,
-    "max_teacher_param_divergence": param_divergence,
+    "corrupt_checkpoints": sum(map(damaged_restores, runs)),
+    "max_loss_divergence": max(d[0] for d in divergences),
+    "max_teacher_param_divergence": max(d[1] for d in divergences),
   }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kills", type=int, default=20)
-  parser.add_argument(
-    "--steps",
-    type=int,
-    default=None,
-    help="length of the tiny run; default 4 x kills, so that every kill lands before the end",
-  )
+  parser.add_argument("--steps", type=int, default=None, help="length of the tiny run; default 4 x kills")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tolerance", type=float, default=1e-6, help="largest loss / parameter divergence")
   parser.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="esvit_faults_")
   os.makedirs(root, exist_ok=True)
   try:
-    results = run(args.kills, args.steps or 4 * args.kills, args.seed, root)
+    results = run(args.kills, args.steps or max(2, 4 * args.kills), args.seed, root)
   finally:
     if not args.workdir:
       shutil.rmtree(root, ignore_errors=True)
-  print(writers.fields_table(results))
+  print(console.fields_table(results))
+  print(f"kills landed: {results['kills']} of {args.kills}")
+  diverged = max(results["max_loss_divergence"], results["max_teacher_param_divergence"]) > args.tolerance
+  if diverged:
+    print(f"FAILED: the killed runs diverged from the uninterrupted one by more than {args.tolerance}")
+  if results["corrupt_checkpoints"]:
+    print(f"FAILED: {results['corrupt_checkpoints']} restores found a damaged checkpoint")
+  sys.exit(1 if results["kills"] < args.kills or diverged or results["corrupt_checkpoints"] else 0)
 
 
 if __name__ == "__main__":

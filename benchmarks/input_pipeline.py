@@ -21,11 +21,11 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
-import tensorflow as tf
 
-from esvit_jax import writers
-from esvit_jax.data import augment, demo_data, multicrop, sources
+from esvit_jax.data import demo_data
 
+# TensorFlow and esvit_jax's tf.data modules are imported where a pipeline is built: accelerator_check.py
+# imports this module for its flags on accelerator hosts that have no TensorFlow.
 FOLDER = flags.DEFINE_string("folder", None, "Root with train/<class>/*.jpg; default: write demo JPEGs.")
 NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Demo JPEGs to write when --folder is not given.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -37,6 +37,10 @@ _CANVAS = flags.DEFINE_integer("canvas_size", 512, "Device mode: config.canvas_s
 
 def _stage_transforms(config):
   """Cumulative prefixes of the pretraining transform: name -> fn(example, seed) -> dict."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from esvit_jax.data import augment, multicrop  # pylint: disable=g-import-not-at-top
+
   groups = (
     (config.global_crop_size, 2, config.global_crop_scale),
     (config.local_crop_size, config.num_local_crops, config.local_crop_scale),
@@ -62,8 +66,11 @@ def _stage_transforms(config):
   }
 
 
-def time_pretrain_pipeline(config, source: sources.Source, batches: int) -> tuple[float, float]:
-  """(images/s of wall time, CPU ms per image) of multicrop.pretrain_dataset in config.augment_on's mode."""
+def time_pretrain_pipeline(config, source, batches: int) -> tuple[float, float]:
+  """(images/s of wall time, CPU ms per image) of multicrop.pretrain_dataset in config.augment_on's mode,
+  reading the esvit_jax.data.sources.Source given."""
+  from esvit_jax.data import multicrop  # pylint: disable=g-import-not-at-top
+
   ds = multicrop.pretrain_dataset(config, process_index=0, process_count=1, source=source)
   return _time(ds, batches, config.batch_size)
 
@@ -82,6 +89,11 @@ def _time(ds, batches: int, batch_size: int) -> tuple[float, float]:
 
 
 def main(_):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from esvit_jax import console  # pylint: disable=g-import-not-at-top
+  from esvit_jax.data import multicrop, sources  # pylint: disable=g-import-not-at-top
+
   config = CONFIG.value.copy_and_resolve_references()
   config.batch_size, config.augment_on, config.canvas_size = _BATCH.value, "host", _CANVAS.value
   root = FOLDER.value
@@ -117,7 +129,7 @@ def main(_):
     f"{cores} CPU cores, TensorFlow {tf.__version__}"
   )
   print(
-    writers.markdown_table(
+    console.markdown_table(
       ["pipeline", "images/s (wall)", "CPU ms/image", "images/s/core (CPU time)"],
       [[name, f"{rate:.1f}", f"{cpu_ms:.2f}", f"{1000 / cpu_ms:.1f}"] for name, (rate, cpu_ms) in rows],
     )

@@ -13,6 +13,8 @@ XLA cost-analysis FLOPs as a cross-check, backbone-only inference images/s at th
 paper's Table 1 measure, 128 images per forward as DINO's protocol), and the host input pipeline's images/s
 on this machine's cores with the number of cores needed to feed the measured step rate.
 The batch is synthetic and already on the devices: this measures the step, not the input pipeline.
+The step needs neither TensorFlow nor tensorflow-datasets (accelerator hosts may lack them); without them the
+host pipeline's figures are skipped, and the output says so.
 
 In device mode (config.augment_on, the default) it also reports the augmentation inside the step: its
 XLA cost-analysis FLOPs per image against the step's, its share of the step time (the step timed with
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from esvit_jax import flops, models, sharding, train_step, writers
+from esvit_jax import console, flops, models, sharding, train_step
 from esvit_jax.data import device_augment
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/swin_t.py", "Pretraining config.")
@@ -232,6 +234,19 @@ def benchmark_inference(config, mesh) -> float:
   return batch / statistics.median(times)
 
 
+def host_pipeline_unavailable() -> str | None:
+  """Why the host input pipeline (tf.data) cannot run here, or None when it can.
+
+  Returns:
+    The reason, naming the missing module, for a machine without TensorFlow or tensorflow-datasets.
+  """
+  try:
+    from esvit_jax.data import multicrop  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as error:
+    return f"skipped: TensorFlow is absent ({error}; it only runs the host input pipeline)"
+  return None
+
+
 def benchmark_pipeline(config) -> float:
   """Host pipeline images/s per core of this machine in config.augment_on's mode, on the demo set (CPU
   time, so shared machines are fair)."""
@@ -281,19 +296,23 @@ def main(argv):
     results["augment_share_of_step_time_percent"] = 100 * (1 - without["step_ms"] / results["step_ms"])
     results["host_mode_host_to_device_bytes_per_img"] = host_to_device_bytes_per_image(host_mode)
   results["inference_img_s_per_device"] = benchmark_inference(config, mesh) / mesh.size
-  if _PIPELINE_BATCHES.value:
+  if _PIPELINE_BATCHES.value and (reason := host_pipeline_unavailable()):
+    results["host_pipeline"] = reason
+  elif _PIPELINE_BATCHES.value:
     per_core = benchmark_pipeline(config)
     results["pipeline_img_s_per_core"] = per_core
     results["cores_to_feed_step"] = results["train_img_s"] / per_core
     results["host_cores"] = os.cpu_count()
   print_results(results)
-  if _LOOP_STEPS.value:
+  if _LOOP_STEPS.value and (reason := host_pipeline_unavailable()):
+    print(f"\n--loop_steps: {reason}")
+  elif _LOOP_STEPS.value:
     looped = benchmark_loop(config, _LOOP_STEPS.value)
     print_results({f"loop_{config.augment_on}_mode_{name}": value for name, value in looped.items()})
 
 
 def print_results(results: dict) -> None:
-  print("\n" + writers.fields_table(results), flush=True)
+  print("\n" + console.fields_table(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ r"""`make demo`: pretrain a small Swin on the embedded demo dataset on this mach
 
   python -m esvit_jax.demo --workdir demo_workdir [--config configs/demo.py] [--config.epochs=8]
 
-Runs a pretraining config file (default: the repository's configs/demo.py; loaded like main.py loads
+Runs a pretraining config file (default: the package's esvit_jax/configs/demo.py; loaded like main.py loads
 one, `--config.NAME=VALUE` overrides included) through the same code as ImageNet runs: pretraining with
 the k-NN monitor on, then the k-NN evaluation and a linear probe of the exported teacher (the file's
 `task=knn` and `task=linear_probe` configs), each in its own sub-directory. It prints three k-NN top-1
@@ -14,23 +14,17 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import (
-  app,  # pylint: disable=g-import-not-at-top
-  flags,
-  logging,
-)
+from absl import app, flags
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_file  # main.py's --config loader.
 
-from esvit_jax import cli, errors, sharding, tasks, writers
+from esvit_jax import cli, console, errors, sharding, tasks, writers  # console before TensorFlow's import.
 from esvit_jax.data import sources
 from esvit_jax.evaluate import knn
 
-DEFAULT_CONFIG = epath.Path(__file__).parent.parent / "configs" / "demo.py"
+DEFAULT_CONFIG = epath.Path(__file__).parent / "configs" / "demo.py"  # Installed with the package.
 _WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where the three runs write.")
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -41,7 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 
 
-def compare_with_baselines(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
+def compare_with_baselines(
+  config: ml_collections.ConfigDict, workdir: epath.Path, config_file: str | None = None
+) -> dict[str, Any]:
   """Pretrains config in workdir (or resumes it) and returns the three k-NN top-1 figures and the timing.
 
   Raw pixels (knn.evaluate_pixels), the network at initialisation (the k-NN monitor at step 0) and the
@@ -51,6 +47,7 @@ def compare_with_baselines(config: ml_collections.ConfigDict, workdir: epath.Pat
   Args:
     config: a pretraining config with the k-NN monitor on (config.eval_every_steps > 0).
     workdir: the pretraining workdir.
+    config_file: the config file it came from, for the console's headline.
 
   Returns:
     {'pixels', 'initial', 'pretrained'} (top-1, %), 'steps' and 'pretrain_minutes'.
@@ -58,7 +55,7 @@ def compare_with_baselines(config: ml_collections.ConfigDict, workdir: epath.Pat
   if not config.eval_every_steps:
     raise errors.UserError("The demo reads the k-NN monitor: set config.eval_every_steps > 0.")
   start = time.time()
-  tasks.run(config, os.fspath(workdir))
+  tasks.run(config, os.fspath(workdir), config_file)
   pretrain_minutes = (time.time() - start) / 60
   key = f"knn_top1_k{config.knn_k}"
   monitored = [r for r in writers.read_metrics(workdir) if key in r]
@@ -98,6 +95,12 @@ def _config_file_with(task: str) -> str:
   return f"{path}:{arg + ',' if arg else ''}task={task}"
 
 
+def _shown(path: str) -> str:
+  """A path as a person gave it: relative to the current directory when inside it."""
+  relative = os.path.relpath(path)
+  return path if relative.startswith("..") else relative
+
+
 def main(argv):
   """Pretrains (or resumes) in --workdir, evaluates the export by k-NN and linear probe, prints the summary.
 
@@ -105,57 +108,50 @@ def main(argv):
     argv: the arguments absl leaves after the flags (none are used).
   """
   del argv
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  root = epath.Path(_WORKDIR.value)
+  console.log_to_file(root)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")
-  root = epath.Path(_WORKDIR.value)
   pretrain_dir = root / "pretrain"
   config = _CONFIG.value
 
   start = time.time()
-  figures = compare_with_baselines(config, pretrain_dir)
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  figures = compare_with_baselines(config, pretrain_dir, _shown(config_path))
   results = {}
   for task in ("knn", "linear_probe"):
     eval_config = config_file.ConfigFileFlagParser(task).parse(_config_file_with(task))
     eval_config.pretrained = os.fspath(pretrain_dir / "export")
-    results.update(tasks.run(eval_config, os.fspath(root / task)))
+    results.update(tasks.run(eval_config, os.fspath(root / task), _shown(_config_file_with(task))))
   minutes = (time.time() - start) / 60
 
   k = config.knn_k
-  print("\n" + "=" * 100)
-  print(
-    f"EsViT demo: a Swin (embed {config.model.embed_dim}, depths {tuple(config.model.depths)}) "
-    f"pretrained on {config.dataset!r}, {config.batch_size} images per step."
-  )
-  print(
-    f"Pretraining: {figures['steps']} steps; this call: {figures['pretrain_minutes']:.1f} min of "
-    f"pretraining (less if it resumed a run), {minutes:.1f} min in all."
-  )
-  print(
-    f"k-NN top-1 (k={k}, T={config.knn_temperature}, {config.eval_split} split, the same code for all three):"
-  )
   rows = {
     f"raw pixels (each image mean-centred, 2x2-averaged to {config.eval_crop_size} px)": "pixels",
     "the network at initialisation": "initial",
     "the pretrained teacher": "pretrained",
   }
-  for label, name in rows.items():
-    print(f"  {label + ':':<68}{figures[name]:5.1f}%")
-  print(f"  pretrained - raw pixels: {figures['pretrained'] - figures['pixels']:+.1f} points")
-  print(
-    "k-NN evaluation of the export: "
-    + ", ".join(
-      f"k={k}: {results[f'knn_top1_k{k}']:.1f}%" for k in (10, 20, 100, 200) if f"knn_top1_k{k}" in results
-    )
+  knn_export = ", ".join(
+    f"k={k}: {results[f'knn_top1_k{k}']:.1f}%" for k in (10, 20, 100, 200) if f"knn_top1_k{k}" in results
   )
-  print(
-    f"Linear probe on the last 4 blocks: best {results['linear_top1_best']:.1f}%, last "
-    f"{results['linear_top1_last']:.1f}% top-1."
+  console.summary(
+    f"EsViT demo: a Swin (embed {config.model.embed_dim}, depths {tuple(config.model.depths)}) "
+    f"pretrained on {config.dataset!r}, {config.batch_size} images per step.",
+    [
+      f"Pretraining: {figures['steps']} steps; this call: {figures['pretrain_minutes']:.1f} min of "
+      f"pretraining (less if it resumed a run), {minutes:.1f} min in all.",
+      f"k-NN top-1 (k={k}, T={config.knn_temperature}, {config.eval_split} split, the same code for all "
+      "three):",
+      *(f"  {label + ':':<68}{figures[name]:5.1f}%" for label, name in rows.items()),
+      f"  pretrained - raw pixels: {figures['pretrained'] - figures['pixels']:+.1f} points",
+      f"k-NN evaluation of the export: {knn_export}",
+      f"Linear probe on the last 4 blocks: best {results['linear_top1_best']:.1f}%, last "
+      f"{results['linear_top1_last']:.1f}% top-1.",
+      f"Learning curves: {pretrain_dir / 'curves.png'}",
+      f"Outputs and log.txt under {root}/; TensorBoard: tensorboard --logdir {root}",
+    ],
   )
-  print(f"Learning curves: {pretrain_dir / 'curves.png'}")
-  print(f"Outputs under {root}/; TensorBoard: tensorboard --logdir {root}")
-  print("=" * 100)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ One loop skeleton, so that every trainer gets the same machinery: batches prefet
 host waiting for the devices only on log, evaluation and checkpoint steps; progress and images/s; the
 fraction of time spent waiting for input; a checkpoint on preemption (SIGTERM) before exiting; a stop,
 naming the step, when the loss stops being finite, without writing that state; periodic evaluations whose
-time is not counted as training time.
+time is not counted as training time. Metrics go to the writer (metrics.jsonl, TensorBoard, the log file);
+process 0's console shows one progress line (esvit_jax/console.py), updated on log steps only.
 """
 
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from esvit_jax import checkpointing
+from esvit_jax import checkpointing, console
 
 Metrics = dict[str, Any]
 
@@ -45,11 +46,13 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 @dataclasses.dataclass
 class Periodic:
   """An evaluation run every `every` steps (and at the last): fn(step, state) -> scalars to log; its
-  duration is logged as `<name>_seconds` and not counted as training time."""
+  duration is logged as `<name>_seconds` and not counted as training time. The scalar named `shown` (a %)
+  appears on the progress line as '<name> <value>%'."""
 
   name: str
   every: int
   fn: Callable[[int, Any], Metrics]
+  shown: str | None = None
 
 
 @dataclasses.dataclass
@@ -107,16 +110,13 @@ class Loop:
     Raises:
       NonFiniteLossError: the loss became NaN or infinite at a logged or checkpointed step.
     """
-    hooks = [
-      periodic_actions.ReportProgress(
-        num_train_steps=self.total_steps, writer=self.writer, every_steps=self.log_every, every_secs=None
-      )
-    ]
+    hooks = []
     if self.profile_steps and jax.process_index() == 0:
       hooks.append(
         periodic_actions.Profile(
           logdir=self.profile_dir,
           num_profile_steps=self.profile_steps,
+          profile_duration_ms=None,  # Stop after the steps asked for, not after 3 s at least.
           first_profile=first_step + 5,
           every_secs=None,
         )
@@ -128,6 +128,8 @@ class Loop:
     skipped_files = 0
     metrics = {}
     logging.info("Training from step %d to %d.", first_step, self.total_steps)
+    progress = console.Progress(self.total_steps, first_step)
+    progress.start()
     try:
       for step in range(first_step + 1, self.total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -149,16 +151,24 @@ class Loop:
           (previous_step, previous_time), last_log = last_log, (step, time.time())
           seconds, paused = max(last_log[1] - previous_time - paused, 1e-9), 0.0
           input_wait_fraction, input_wait = input_wait / seconds, 0.0
+          images_per_sec = (step - previous_step) * self.batch_size / seconds
           all_skipped = int(np.sum(multihost_utils.process_allgather(np.int64(skipped_files))))
           self.writer.write_scalars(
             step,
             {
               **metrics,
-              "images_per_sec": (step - previous_step) * self.batch_size / seconds,
+              "images_per_sec": images_per_sec,
               "input_wait": input_wait_fraction,
               "epoch": step / self.steps_per_epoch,
               "skipped_files": all_skipped,
             },
+          )
+          progress.update(
+            step,
+            loss=float(metrics["loss"]),
+            images_per_sec=images_per_sec,
+            input_wait=input_wait_fraction,
+            seconds_per_step=seconds / (step - previous_step) if step > previous_step else None,
           )
           self.heartbeat()
           if self.on_log:
@@ -171,6 +181,8 @@ class Loop:
             seconds = time.time() - started
             paused += seconds
             self.writer.write_scalars(step, {**scalars, f"{evaluation.name}_seconds": seconds})
+            if evaluation.shown:
+              progress.show(evaluation.name, float(scalars[evaluation.shown]))
             self.heartbeat()
 
         if is_due(step, self.ckpt_every, self.total_steps) or stop:
@@ -180,6 +192,7 @@ class Loop:
           logging.warning("Preempted: checkpoint of step %d written, exiting.", step)
           break
     finally:
+      progress.end_line()
       self.checkpointer.wait()
       self.writer.flush()
     return state

@@ -11,7 +11,7 @@ import importlib
 import jax
 import ml_collections
 
-from esvit_jax import errors
+from esvit_jax import console, errors
 
 TASKS = {
   "pretrain": "esvit_jax.train:train_and_evaluate",
@@ -19,6 +19,7 @@ TASKS = {
   "linear_probe": "esvit_jax.evaluate.linear:train_and_evaluate",
 }
 EVALUATION_TASKS = ("knn", "linear_probe")
+TITLES = {"pretrain": "Pretraining", "knn": "k-NN evaluation", "linear_probe": "Linear probe"}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
@@ -38,12 +39,13 @@ def matmul_precision(precision: str) -> contextlib.AbstractContextManager:
   return jax.default_matmul_precision(precision)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-  """Runs config.task; evaluation tasks inside matmul_precision(config.matmul_precision).
+def run(config: ml_collections.ConfigDict, workdir: str, config_file: str | None = None):
+  """Runs config.task, after its headline on the console; evaluations inside config.matmul_precision.
 
   Args:
     config: the full config; config.task is a key of TASKS.
     workdir: the run's directory.
+    config_file: the config file (and argument) it came from, for the headline.
 
   Returns:
     What the task returns: the final train state (pretrain) or the metrics dict (evaluations).
@@ -52,6 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     raise errors.UserError(f"config.task={config.get('task')!r} is unknown; use one of {sorted(TASKS)}.")
   module, function = TASKS[config.task].split(":")
   task = getattr(importlib.import_module(module), function)
+  console.headline(TITLES[config.task], config_file, workdir)
   if config.task not in EVALUATION_TASKS:
     return task(config, workdir)
   with matmul_precision(config.matmul_precision):

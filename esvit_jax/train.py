@@ -19,6 +19,7 @@ import numpy as np
 from esvit_jax import (
   checkpointing,
   collapse,
+  console,
   errors,
   export,
   loop,
@@ -111,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       splits=(config.train_split, *monitored),
       labels=bool(monitored),
     )
-    steps_per_epoch = multicrop.steps_per_epoch(config, source.num_examples(config.train_split))
+    num_images = source.num_examples(config.train_split)
+    steps_per_epoch = multicrop.steps_per_epoch(config, num_images)
     total_steps = schedules.total_steps(config, steps_per_epoch)
     logging.info(
       "%s: %d steps per epoch of %d images, %d steps in all.",
@@ -136,6 +138,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         state.params, include_stats=False, jax_logging_process=0, msg="Student parameters"
       )
     first_step = int(jax.device_get(state.step))
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(pretraining.abstract_state.params))
+    console.detail(
+      f"{config.model.backbone} with its heads, {num_params:,} parameters; {source.describe()}, "
+      f"{num_images:,} {config.train_split} images",
+      f"{total_steps:,} steps of batch {config.batch_size} ({total_steps / steps_per_epoch:.3g} epochs)"
+      + (f", resuming after step {first_step:,}" if first_step else ""),
+    )
 
     #### Input, prefetched to the devices ####
     dataset = multicrop.pretrain_dataset(config, start_step=first_step, source=source)
@@ -163,7 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         )
 
     evaluations = (
-      [loop.Periodic("knn", config.eval_every_steps, knn_monitor)] if config.eval_every_steps else []
+      [loop.Periodic("knn", config.eval_every_steps, knn_monitor, shown=f"knn_top1_k{config.knn_k}")]
+      if config.eval_every_steps
+      else []
     )
     if evaluations and first_step == 0:
       started = time.time()
@@ -202,5 +213,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       )
     checkpointer.close()
     if jax.process_index() == 0:
-      logging.info("Learning curves: %s", plot.save_curves(workdir))
+      curves = plot.save_curves(workdir)
+      logging.info("Learning curves: %s", curves)
+      if int(jax.device_get(state.step)) == total_steps:
+        console.say(
+          f"Pretraining done: teacher backbone in {workdir / 'export'}, learning curves in {curves}."
+        )
     return state

@@ -1,4 +1,5 @@
-"""Metric writers: clu's console log and TensorBoard events, plus metrics.jsonl in the workdir.
+"""Metric writers: clu's log lines (WORKDIR/log.txt, esvit_jax/console.py) and TensorBoard events, plus
+metrics.jsonl in the workdir.
 
 metrics.jsonl holds one JSON object per write ({"step": s, name: value, ...}): easy to read by people,
 scripts and tests, and appended to across restarts (a resumed run continues the same file).
@@ -65,7 +66,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
-  """Process 0 writes TensorBoard events and metrics.jsonl; every process logs to the console.
+  """Process 0 writes TensorBoard events and metrics.jsonl; every process writes a line per write to its log.
 
   Args:
     workdir: the run's directory, where the events and metrics.jsonl go.
@@ -96,36 +97,3 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   if not path.exists():
     return []
   return [r for r in map(json.loads, path.read_text().splitlines()) if "step" in r]
-
-
-def fields_table(fields: Mapping[str, Any], digits: int = 3) -> str:
-  """A two-column name / value table of a flat dict, for results and benchmarks printed to a terminal.
-
-  Args:
-    fields: name -> value (None prints as n/a).
-    digits: decimals of float values.
-
-  Returns:
-    The table as text, one line per field under a header.
-  """
-
-  def shown(value):
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-  width = max(map(len, fields), default=5)
-  lines = [f"{'field':<{width}}  value", f"{'-' * width}  -----"]
-  return "\n".join(lines + [f"{name:<{width}}  {shown(value)}" for name, value in fields.items()])
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-  """A Markdown table (numbers right-aligned), ready to paste into BENCHMARKS.md.
-
-  Args:
-    header: column titles.
-    rows: one list of cells per row; cells are printed with str().
-
-  Returns:
-    The table as text.
-  """
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(t) + 1) + ":" for t in header) + "|"]
-  return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])

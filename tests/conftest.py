@@ -27,11 +27,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="esvit_jax_test_xla_cache_")
-# The processes that tests start (main.py, python -m esvit_jax.*, the benchmarks) import this checkout's
-# esvit_jax, whether or not it is installed (tests/test_packaging.py checks the installed package alone).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-  os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument

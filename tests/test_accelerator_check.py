@@ -1,4 +1,5 @@
-"""The accelerator check runs end to end (here on the CPU, on the tiny config) and writes its JSON."""
+"""The accelerator check runs end to end (here on the CPU, on the tiny config) and writes its JSON, also on a
+machine like the accelerator hosts: no TensorFlow, no tensorflow-datasets, no clu."""
 
 import json
 import os
@@ -8,33 +9,48 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CHECK = [
+  "benchmarks/accelerator_check.py",
+  "--config=tests/configs/tiny.py",
+  "--per_device_batches=1,2",
+  "--steps=2",
+  "--warmup=0",
+  "--num_images=64",
+  "--image_size=48,80",
+  "--host_batches=2",
+]
+# Installed as sitecustomize.py, this makes every import of the packages an accelerator host lacks (and that
+# do not travel as wheels, README.md "Results and speed") fail as if they were not installed.
+ABSENT_PACKAGES = """
+import sys
 
 
-@pytest.mark.slow
-def test_accelerator_check_prints_its_table_and_writes_the_json(tmp_path):
-  cmd = [
-    sys.executable,
-    "benchmarks/accelerator_check.py",
-    "--config=tests/configs/tiny.py",
-    "--per_device_batches=1,2",
-    "--steps=2",
-    "--warmup=0",
-    "--num_images=64",
-    "--image_size=48,80",
-    "--host_batches=2",
-    f"--out_dir={tmp_path}",
-  ]
-  # On the session's 8 CPU devices (tests/conftest.py).
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+class RefuseAbsent:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return None
+
+
+sys.meta_path.insert(0, RefuseAbsent())
+"""
+
+
+def run_check(out_dir, env=None) -> tuple[subprocess.CompletedProcess, dict]:
+  """Runs the tiny check on the session's 8 CPU devices (tests/conftest.py); returns it and its JSON."""
+  cmd = [sys.executable, *TINY_CHECK, f"--out_dir={out_dir}"]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "| batch/dev | compile s | step ms | images/s | MFU % |" in done.stdout
-  [name] = os.listdir(tmp_path)
+  [name] = os.listdir(out_dir)
   assert name.startswith("cpu-") and name.endswith(".json")
-  with open(tmp_path / name) as f:
-    report = json.load(f)
+  with open(os.path.join(out_dir, name)) as f:
+    return done, json.load(f)
+
+
+def assert_step_rows(done: subprocess.CompletedProcess, report: dict) -> None:
+  assert "| batch/dev | compile s | step ms | images/s | MFU % |" in done.stdout
   assert report["device_kind"] == "cpu" and report["num_devices"] == 8 and "jax" in report["versions"]
   assert report["config"]["augment_on"] == "device" and report["config"]["canvas_size"] == 64
-  assert report["host_ms_per_img"] > 0
   assert [row["per_device_batch"] for row in report["rows"]] == [1, 2]
   for row, global_batch in zip(report["rows"], (8, 16), strict=True):
     assert "error" not in row, row
@@ -43,3 +59,25 @@ def test_accelerator_check_prints_its_table_and_writes_the_json(tmp_path):
     assert row["train_img_s"] == pytest.approx(global_batch / row["step_ms"] * 1000)
     assert 0 < row["augment_share_percent"] < 100
     assert row["augment_xla_gflop_per_img"] > 0
+
+
+@pytest.mark.slow
+def test_accelerator_check_prints_its_table_and_writes_the_json(tmp_path):
+  done, report = run_check(tmp_path)
+  assert_step_rows(done, report)
+  assert report["host_pipeline"] == "measured" and report["host_ms_per_img"] > 0
+  assert all(row["host_ms_per_img"] == report["host_ms_per_img"] for row in report["rows"])
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_the_step_without_tensorflow_and_says_it_skipped_the_host_pipeline(tmp_path):
+  blocker = tmp_path / "absent"
+  blocker.mkdir()
+  (blocker / "sitecustomize.py").write_text(ABSENT_PACKAGES)
+  # PYTHONPATH carries only the blocker: the simulated machine, not a path the check needs.
+  env = {**os.environ, "PYTHONPATH": str(blocker)}
+  done, report = run_check(tmp_path / "out", env)
+  assert_step_rows(done, report)
+  assert report["host_ms_per_img"] is None
+  assert report["host_pipeline"].startswith("skipped: TensorFlow is absent")
+  assert "host pipeline: skipped: TensorFlow is absent (No module named 'tensorflow'" in done.stdout

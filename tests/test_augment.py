@@ -1,8 +1,6 @@
 """The DINO augmentation ops against their definitions: PIL itself (the official pipeline's library),
 numpy references written from the math, and statistics over many random draws."""
 
-import math
-
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 import pytest
@@ -84,8 +82,8 @@ def test_bicubic_resize_matches_pil_within_one_level(size):
   ours = augment.resize(tf.constant(smooth, tf.float32), size).numpy()
   expected = np.asarray(Image.fromarray(smooth).resize(size[::-1], Image.BICUBIC)).astype(np.float32)
   assert ours.shape == (*size, 3)
-  assert np.abs(ours - expected).max() <= 1
-  assert np.mean(ours != expected) < 0.01
+  # TF's float weights against PIL's 22-bit fixed point: measured 1 value of 1,440 off by 1 at (40, 12).
+  assert np.abs(ours - expected).max() <= 1 and np.sum(ours != expected) <= 3
 
 
 def test_crop_boxes_follow_random_resized_crop_statistics():
@@ -115,6 +113,15 @@ def test_crop_box_falls_back_to_a_centred_crop_of_clamped_ratio():
   np.testing.assert_array_equal(boxes, np.tile([0, (400 - 13) // 2, 10, 13], (50, 1)))
   boxes = augment.sample_crop_box(tf.constant([0, 1]), 400, 10, 5, (0.9, 1.0)).numpy()
   np.testing.assert_array_equal(boxes, np.tile([(400 - 13) // 2, 0, 13, 10], (5, 1)))
+
+
+@pytest.mark.parametrize("side", [2.5, 3.5, 4.5, 5.5])
+def test_crop_sides_round_half_to_even(side):
+  # Area fixed at side^2 of a 16 x 16 image and ratio fixed at 1 (both exact in binary): every try has
+  # w = h = side, and torchvision's int(round(side)) is Python's half to even (2.5 -> 2, 3.5 -> 4).
+  area = side**2 / 256
+  boxes = augment.sample_crop_box(tf.constant([1, 2]), 16, 16, 8, (area, area), ratio=(1.0, 1.0)).numpy()
+  np.testing.assert_array_equal(boxes[:, 2:], round(side))
 
 
 def test_jitter_parameters_are_in_range_and_orders_are_permutations():
@@ -258,10 +265,13 @@ def test_dino_views_are_seeded_and_in_range():
 
 
 def test_center_crop_eval_follows_torchvision_resize_then_center_crop():
-  image = _RNG.integers(0, 256, (30, 45, 3), dtype=np.uint8)
-  out = augment.center_crop_eval(tf.constant(image), 20, 16).numpy()
-  # Resize(20): shorter side 30 -> 20, longer int(20 * 45 / 30) = 30; CenterCrop(16) at round(2), round(7).
+  image = np.random.default_rng(5).integers(0, 256, (30, 46, 3), dtype=np.uint8)
+  out = augment.center_crop_eval(tf.constant(image), 20, 13).numpy().astype(int)
+  # Resize(20): shorter side 30 -> 20, longer int(20 * 46 / 30) = int(30.7) = 30; CenterCrop(13) at
+  # round(3.5) = 4 and round(8.5) = 8 (Python's round, half to even).
   resized = np.asarray(Image.fromarray(image).resize((30, 20), Image.BICUBIC)).astype(int)
-  assert out.shape == (16, 16, 3)
-  assert np.abs(out.astype(int) - resized[2:18, 7:23]).max() <= 1
-  assert math.isclose(np.mean(out.astype(int) != resized[2:18, 7:23]), 0.0, abs_tol=0.02)
+  top, left = round((20 - 13) / 2), round((30 - 13) / 2)
+  expected = resized[top : top + 13, left : left + 13]
+  assert out.shape == (13, 13, 3) and (top, left) == (4, 8)
+  # The resize is PIL's to within 1 level: measured 0 values off here, at most 1 of 507 on 6 noise images.
+  assert np.abs(out - expected).max() <= 1 and np.sum(out != expected) <= 3

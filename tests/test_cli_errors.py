@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from configs import common, linear_probe
-from configs import knn as knn_config
 from esvit_jax import checkpointing, cli, convert, errors, export, sharding, visualize
+from esvit_jax.configs import common, linear_probe
+from esvit_jax.configs import knn as knn_config
 from esvit_jax.data import multicrop, sources
 from esvit_jax.evaluate import knn, linear
 from esvit_jax.models import swin, vit

@@ -331,8 +331,9 @@ def test_converted_model_matches_pytorch_forward(dims, window):
       {"params": network.params["backbone"]}, jnp.asarray(images.permute(0, 2, 3, 1).numpy())
     )
     assert regions.shape == ref_regions.shape == (2, tokens, dims["embed_dim"] * 8)
-    assert relative_error(pooled, ref_pooled) < 1e-4
-    assert relative_error(regions, ref_regions) < 1e-4
+    # Largest measured on 2026-12-03 (CPU): 1.8e-6 (Swin-T regions at 224 px).
+    assert relative_error(pooled, ref_pooled) < 5e-6
+    assert relative_error(regions, ref_regions) < 5e-6
 
 
 def test_heads_convert_to_our_dino_head(torch_swin):

@@ -115,7 +115,7 @@ def test_demo_loads_its_config_by_path_and_never_imports_the_configs_package():
   imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
   imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
   assert not [m for m in imported if m == "configs" or m.startswith("configs.")]
-  assert demo.DEFAULT_CONFIG == demo.epath.Path(ROOT) / "configs" / "demo.py"
+  assert demo.DEFAULT_CONFIG == demo.epath.Path(ROOT) / "esvit_jax" / "configs" / "demo.py"
   for task in ("pretrain", "knn", "linear_probe"):
     config = config_file.ConfigFileFlagParser("c").parse(f"{demo.DEFAULT_CONFIG}:task={task}")
     assert config.task == task and config.eval_split == "test"

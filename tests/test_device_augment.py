@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from esvit_jax.data import augment, constants, device_augment
-from tests import test_augment
+from tests import test_augment, test_multicrop
 
 _RNG = np.random.default_rng(0)
 _CANVAS = 96
@@ -103,8 +103,8 @@ def test_resized_crops_equal_pil(size, scale):
   ours = np.asarray(jax.jit(device_augment.resized_crops, static_argnums=2)(_in_canvas(_IMAGE), boxes, size))
   reference = np.stack([_pil_resized_crop(_IMAGE, b, size) for b in boxes])
   # float32 matmuls against PIL's integer sums: a value can only move where a sum sits within ~1e-4 of
-  # a rounding boundary.
-  assert np.abs(ours - reference).max() <= 1 and np.mean(ours != reference) < 1e-3
+  # a rounding boundary (measured: 1 level at 8.1e-5 of the values at 32 px, none at 16 px).
+  assert np.abs(ours - reference).max() <= 1 and np.mean(ours != reference) < 2.5e-4
   pil = np.stack(
     [
       np.asarray(
@@ -127,8 +127,9 @@ def test_resized_crops_match_the_host_resize():
   host = np.stack(
     [augment.resized_crop(tf.constant(_IMAGE, tf.float32), tf.constant(b), 32).numpy() for b in boxes]
   )
-  # TF's antialiased bicubic keeps float weights; PIL's (ours) are 22-bit fixed point.
-  assert np.abs(ours - host).max() <= 1 and np.mean(ours != host) < 2e-3
+  # TF's antialiased bicubic keeps float weights; PIL's (ours) are 22-bit fixed point (measured: 1 level
+  # at 6.1e-5 of the values).
+  assert np.abs(ours - host).max() <= 1 and np.mean(ours != host) < 2e-4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,7 +247,9 @@ def test_whole_chain_equals_the_host_given_the_same_boxes_and_parameters():
   crops = tf.stack([augment.resized_crop(image, tf.constant(b), size) for b in boxes])
   host = augment.apply_photometric(crops, {k: tf.constant(v) for k, v in params.items()}).numpy()
   diff = np.abs(np.asarray(ours) - host)
-  assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+  # Measured here: mean 1.4e-4, 9.6e-5 of the values differ, by at most 2 (6 at full size: a level of the
+  # resize that jitter and blur amplify).
+  assert diff.mean() < 5e-4 and np.mean(diff != 0) < 3e-4 and diff.max() <= 6
   # The differences all come from the resize: the photometric chain alone, on the same crops, is exact.
   ours = jax.jit(device_augment.apply_photometric)(crops.numpy(), params)
   np.testing.assert_array_equal(np.asarray(ours), host)
@@ -281,6 +284,14 @@ def test_crop_boxes_follow_random_resized_crop_statistics():
   )
 
 
+@pytest.mark.parametrize("side", [2.5, 3.5, 4.5, 5.5])
+def test_crop_sides_round_half_to_even(side):
+  # As test_augment's: every try has w = h = side exactly; torchvision's round is half to even.
+  area = side**2 / 256
+  boxes = np.asarray(device_augment.sample_crop_boxes(jax.random.key(1), 16, 16, 8, (area, area), (1.0, 1.0)))
+  np.testing.assert_array_equal(boxes[:, 2:], round(side))
+
+
 def test_crop_box_falls_back_to_a_centred_crop_of_clamped_ratio():
   boxes = _sample_boxes(jax.random.key(0), 10, 400, 50, (0.9, 1.0))
   np.testing.assert_array_equal(boxes, np.tile([0, (400 - 13) // 2, 10, 13], (50, 1)))
@@ -288,21 +299,43 @@ def test_crop_box_falls_back_to_a_centred_crop_of_clamped_ratio():
   np.testing.assert_array_equal(boxes, np.tile([(400 - 13) // 2, 0, 13, 10], (50, 1)))
 
 
-def test_photometric_probabilities_ranges_and_orders():
-  sample = jax.jit(device_augment.sample_photometric, static_argnums=(1, 2))
-  p = sample(jax.random.key(8), (1.0, 0.1) * 4000, (0.0, 0.2) * 4000)
-  p = {k: np.asarray(v) for k, v in p.items()}
-  assert abs(p["flip"].mean() - 0.5) < 0.02 and abs(p["gray"].mean() - 0.2) < 0.015
-  assert p["blur"][::2].all() and abs(p["blur"][1::2].mean() - 0.1) < 0.015
-  assert not p["solarize"][::2].any() and abs(p["solarize"][1::2].mean() - 0.2) < 0.02
-  assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean() - 1.05) < 0.02
-  factors, order = p["factors"], p["order"]
+def _choices_as_pixels(x, params):
+  """Stands in for apply_photometric: each crop's sampled choices as its first row of pixels, scaled so
+  that normalisation keeps them exact: flip, gray, blur, solarize, jitter applied, sigma, 4 factors, and
+  the jitter order."""
+  del x
+  chosen = [params[k] for k in ("flip", "gray", "blur", "solarize")] + [params["order"][:, 0] != 4]
+  values = jnp.concatenate(
+    [jnp.stack(chosen, 1), params["sigma"][:, None], params["factors"] + 1, params["order"]], axis=1
+  )
+  return jnp.broadcast_to(values.astype(jnp.float32)[:, None, :, None] * 64, (*values.shape[:1], 1, 14, 3))
+
+
+def test_multicrop_samples_dinos_probabilities_ranges_and_orders(monkeypatch):
+  # multicrop's own sampling (per-position keys, the crop probabilities it passes, config.color_jitter and
+  # config.blur_sigma): only the application of the choices is replaced by a probe that returns them.
+  monkeypatch.setattr(device_augment, "apply_photometric", _choices_as_pixels)
+  config = _config(global_crop_size=4, local_crop_size=4, num_local_crops=6)
+  canvas = np.broadcast_to(test_augment.natural_images(1, 8, 8)[0], (1000, 8, 8, 3))
+  sizes = np.full((1000, 2), 8, np.int32)
+  out = jax.jit(lambda c, s, p: device_augment.multicrop(c, s, p, config, jnp.float32))(
+    canvas, sizes, np.arange(1000, dtype=np.int32)
+  )
+  probe = {k: np.round(_unnormalize(v)[..., 0, :, 0] / 64, 4) for k, v in out.items()}
+  views = [probe["globals"][:, 0], probe["globals"][:, 1], probe["locals"].reshape(-1, 14)]
+  for crop, chosen in enumerate(views):
+    names = ("flip", "gray", "blur", "solarize", "jitter")
+    test_multicrop.assert_rates_are_official({n: chosen[:, k] == 1 for k, n in enumerate(names)}, crop)
+  p = np.concatenate(views)
+  sigma, factors, order = p[:, 5], p[:, 6:10] - 1, p[:, 10:].astype(int)
+  assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and abs(sigma.mean() - 1.05) < 0.02
+  # ColorJitter(0.4, 0.4, 0.2, 0.1): factors uniform in these ranges.
   for k, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
-    assert factors[:, k].min() >= lo and factors[:, k].max() <= hi
+    assert factors[:, k].min() >= lo - 1e-4 and factors[:, k].max() <= hi + 1e-4
     assert factors[:, k].min() < lo + 0.01 and factors[:, k].max() > hi - 0.01
     assert abs(factors[:, k].mean() - (lo + hi) / 2) < 0.02 * (hi - lo)
   applied = (order != 4).all(axis=1)
-  assert ((order == 4).all(axis=1) | applied).all() and abs(applied.mean() - 0.8) < 0.015
+  assert ((order == 4).all(axis=1) | applied).all()
   # Each of the 24 orders about equally often (expected 267 each; 4 standard deviations).
   counts = [np.sum((order[applied] == perm).all(axis=1)) for perm in itertools.permutations(range(4))]
   assert sum(counts) == applied.sum()
@@ -355,9 +388,14 @@ def test_multicrop_shapes_dtype_and_pixels():
   pixels = _unnormalize(out["globals"])
   np.testing.assert_allclose(pixels, np.round(pixels), atol=2e-3)  # Whole numbers before normalisation.
   assert pixels.min() > -0.01 and pixels.max() < 255.01
-  # The tall image's crops come from its own 64 x 40 area: no column beyond 40 (zeros) leaks in, so no
-  # crop of it is mostly black.
-  assert _unnormalize(out["locals"][1]).mean(axis=(1, 2, 3)).min() > 20
+  # Each image's crops come from its own (h, w) area alone: the same images in larger canvases padded
+  # with noise instead of zeros give the same crops.
+  noisy = _RNG.integers(0, 256, (8, 80, 80, 3), dtype=np.uint8)
+  for i, (h, w) in enumerate(sizes):
+    noisy[i, :h, :w] = canvas[i, :h, :w]
+  padded = _multicrop(noisy, sizes, positions)
+  for k in out:
+    np.testing.assert_array_equal(np.asarray(padded[k]), np.asarray(out[k]))
 
 
 def test_multicrop_depends_on_the_position_only():

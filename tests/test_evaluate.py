@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import knn as knn_config
-from configs import linear_probe as linear_config
 import esvit_jax
 from esvit_jax import checkpointing, loop, sharding, train, train_step
+from esvit_jax.configs import knn as knn_config
+from esvit_jax.configs import linear_probe as linear_config
+from esvit_jax.data import multicrop, sources
 from esvit_jax.evaluate import knn, linear
 from tests.configs import tiny
 from tests.test_train import ROOT
@@ -47,12 +48,110 @@ def test_linear_probe_learns_linearly_separable_features():
   assert probe.accuracy(state.params, iter(batches)) > 97.0
 
 
+def numpy_probe_sgd(kernel, bias, batches, peak_lr, epochs, steps_per_epoch):
+  """torch.optim.SGD(momentum=0.9, weight_decay=0) on mean softmax cross-entropy, the lr of epoch e
+  peak_lr * (1 + cos(pi * e / epochs)) / 2, in float64: the kernel and bias after each step."""
+  params, buffers, history = [kernel.astype(np.float64), bias.astype(np.float64)], None, []
+  for step, (x, y) in enumerate(batches):
+    logits = x @ params[0] + params[1]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    dlogits = (probs - np.eye(params[1].size)[y]) / len(y)
+    grads = [x.T @ dlogits, dlogits.sum(0)]
+    buffers = grads if buffers is None else [0.9 * b + g for b, g in zip(buffers, grads, strict=True)]
+    lr = peak_lr * 0.5 * (1 + np.cos(np.pi * (step // steps_per_epoch) / epochs))
+    params = [p - lr * b for p, b in zip(params, buffers, strict=True)]
+    history.append(params)
+  return history
+
+
+def test_linear_probe_is_sgd_with_momentum_and_the_scaled_per_epoch_cosine():
+  """The probe's first 6 steps (2 epochs of 3) from its N(0, 0.01) / zero init, against numpy SGD with the
+  lr rule of configs/linear_probe.py (lr * batch / 256, momentum 0.9, no weight decay)."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(5, 16))
+  mesh = sharding.make_mesh()
+  config = linear_config.get_config()
+  config.update(batch_size=64, epochs=2, lr=2.0)  # Peak lr 0.5: every step moves the weights visibly.
+  probe = linear.Probe(lambda x: x, 16, 5, linear.make_optimizer(config, steps_per_epoch=3), mesh)
+  state = probe.init(jax.random.PRNGKey(0))
+  initial = jax.device_get(state.params)
+  np.testing.assert_allclose(np.std(initial["kernel"]), 0.01, rtol=0.15)  # 80 draws: N(0, 0.01).
+  np.testing.assert_array_equal(initial["bias"], 0.0)
+  batches = [separable(rng, 64, centres) for _ in range(6)]
+  expected = numpy_probe_sgd(initial["kernel"], initial["bias"], batches, 2.0 * 64 / 256, 2, 3)
+  errors = []
+  for (features, labels), (kernel, bias) in zip(batches, expected, strict=True):
+    state, _ = probe.train(state, sharding.global_batch({"image": features, "label": labels}, mesh))
+    params = jax.device_get(state.params)
+    errors.append(max(np.abs(params["kernel"] - kernel).max(), np.abs(params["bias"] - bias).max()))
+  print("probe vs numpy SGD, largest parameter difference per step:", errors)
+  assert max(errors) < 4e-7, errors  # Measured: 1.3e-7 (float32 against float64).
+  assert np.abs(kernel - initial["kernel"]).max() > 0.1  # The 6 steps moved the weights far.
+
+
 def test_per_epoch_cosine_is_constant_within_an_epoch():
   schedule = linear.epoch_cosine(0.4, epochs=4, steps_per_epoch=10)
   values = [float(schedule(s)) for s in (0, 9, 10, 25, 39)]
   np.testing.assert_allclose(
     values, [0.4, 0.4, 0.2 * (1 + np.cos(np.pi / 4)), 0.2, 0.2 * (1 + np.cos(3 * np.pi / 4))], rtol=1e-6
   )
+
+
+class CoordinateSource(sources.DemoSource):
+  """64 copies of a 64 px image whose red channel is 4 x column and green 4 x row: a crop's pixels say
+  where it was cut from and whether it was flipped."""
+
+  def num_examples(self, split):
+    return 64
+
+  @staticmethod
+  def arrays(split):
+    del split
+    rows, columns = np.mgrid[:64, :64]
+    image = np.stack([4 * columns, 4 * rows, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    return np.repeat(image[None], 64, axis=0), np.zeros(64, np.int32)
+
+
+def test_probe_trains_on_random_resized_crops_with_horizontal_flips():
+  """One epoch of the probe's training views (configs/linear_probe.py's crop_scale): each crop covers a
+  random 8% to 100% of the image at an aspect ratio in [3/4, 4/3], and about half are mirrored."""
+  config = linear_config.get_config()
+  config.update(dataset="demo", batch_size=64)
+  ds = multicrop.train_classification_dataset(
+    config, "train", batch_size=64, crop_size=32, process_index=0, process_count=1, source=CoordinateSource()
+  )
+  images = next(ds.as_numpy_iterator())["image"].astype(np.float64)
+  # Bilinear sampling of a linear ramp: a crop w px wide spans 4 * w * 31 / 32 levels of red.
+  red, green = images[..., 0].mean(axis=1), images[..., 1].mean(axis=2)  # [64, 32] along width, height.
+  widths = np.abs(red[:, -1] - red[:, 0]) / 4 * 32 / 31
+  heights = np.abs(green[:, -1] - green[:, 0]) / 4 * 32 / 31
+  areas, ratios = widths * heights / 64**2, widths / heights
+  flipped = red[:, -1] < red[:, 0]
+  print(
+    f"areas {areas.min():.3f}..{areas.max():.3f}, ratios {ratios.min():.3f}..{ratios.max():.3f}, "
+    f"{flipped.sum()} of 64 flipped"
+  )
+  assert np.all(green[:, -1] > green[:, 0])  # Never flipped vertically.
+  assert 0.08 * 0.9 < areas.min() < 0.3 and 0.6 < areas.max() < 1.05
+  assert 0.75 * 0.95 < ratios.min() and ratios.max() < 4 / 3 * 1.05
+  assert 16 <= flipped.sum() <= 48  # Binomial(64, 0.5): all but 1e-4 of draws.
+
+
+@pytest.mark.slow
+def test_linear_probe_reports_the_best_and_the_last_epoch(tmp_path, monkeypatch):
+  """3 epochs whose validations read 40, 55, 50 (%): results.json holds best 55 (epoch 2) and last 50."""
+  backbone = train_step.build_model(tiny.get_config()).backbone
+  params = backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  monkeypatch.setattr(linear.export, "load_pretrained", lambda *args, **kwargs: (backbone, params))
+  readings = iter([40.0, 55.0, 50.0])
+  monkeypatch.setattr(linear.Probe, "accuracy", lambda self, params, batches: next(readings))
+  config = demo_probe_config()
+  config.update(pretrained="unused", batch_size=1000, epochs=3)
+  linear.train_and_evaluate(config, str(tmp_path))
+  metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+  assert metrics["linear_top1_best"] == 55.0 and metrics["best_epoch"] == 2
+  assert metrics["linear_top1_last"] == 50.0 and metrics["epochs"] == 3
 
 
 def test_probe_feature_dimension_of_swin_tiny_is_2304():

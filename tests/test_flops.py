@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import swin_t, vit_base, vit_s16
 from esvit_jax import flops, sharding, train_step
+from esvit_jax.configs import vit_base, vit_s16, vit_tiny
 from esvit_jax.models import backbones
 from tests import test_vit
 from tests.configs import tiny
@@ -28,13 +28,36 @@ def test_swin_block_flops_match_a_hand_count():
 
 @pytest.mark.parametrize("size,published_gmacs", [(224, 4.5)])
 def test_swin_tiny_backbone_cost_matches_the_published_4_5_gmacs(size, published_gmacs):
-  config = swin_t.get_config()
   arch = dict(embed_dim=96, depths=(2, 2, 6, 2), window_size=7, image_size=224, patch_size=4)
   counted = flops.backbone_flops(arch, size)
   assert counted["tokens"] == 49 and counted["features"] == 768
   assert (counted["patch_embed"] + counted["body"]) / 2e9 == pytest.approx(published_gmacs, rel=0.01)
-  parts = flops.train_step_flops(config)
-  assert parts["step"] == parts["student_forward"] + parts["student_backward"] + parts["teacher_forward"]
+
+
+def test_train_step_flops_of_a_small_vit_match_a_hand_count():
+  """ViT-Tiny (D 192, 12 blocks, patch 16) on 2 globals of 32 px (4 patches + CLS) and 2 locals of 16 px
+  (1 patch + CLS), head 192 -> 6 -> 6 -> 4 -> K = 10, region loss on."""
+  config = vit_tiny.get_config()
+  config.model.update(hidden_dim=6, bottleneck_dim=4, out_dim=10)
+  config.global_crop_size, config.local_crop_size, config.num_local_crops = 32, 16, 2
+  d = 192
+  # Per block on T tokens: qkv 2TD*3D, scores and weighted values 2 * 2TTD, proj 2TDD, MLP 2 * 2TD*4D.
+  body_global, body_local = (12 * (24 * t * d * d + 4 * t * t * d) for t in (5, 2))
+  embed_global, embed_local = 2 * 4 * 768 * d, 2 * 1 * 768 * d  # Patches x (16 * 16 * 3) x D.
+  head = 2 * (d * 6 + 6 * 6 + 6 * 4 + 4 * 10)  # Per row: the pooled feature and each region token.
+  body_global += head * (1 + 4)
+  body_local += head * (1 + 1)
+  cross_entropy = 2 * 2 * 4 * 10 + 2 * 2 * (2 * 4 + 2 * 1) * 4 * 10  # 2 teacher views: 4 crops, 10 tokens.
+  similarity = 2 * 2 * (2 * 4 + 2 * 1) * 4 * d
+  embed, body = 2 * (embed_global + embed_local), 2 * (body_global + body_local)
+  expected = {
+    "student_forward": embed + body + cross_entropy + similarity,
+    "student_backward": embed + 2 * body + cross_entropy,  # The patch embedding needs no input gradient.
+    "teacher_forward": 2 * (embed_global + body_global),
+  }
+  expected["step"] = sum(expected.values())
+  assert expected["step"] == 562_561_632
+  assert flops.train_step_flops(config) == expected
 
 
 def test_train_step_flops_within_10_percent_of_xla_cost_analysis():

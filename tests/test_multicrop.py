@@ -9,8 +9,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from configs import common
-from esvit_jax.data import demo_data, multicrop, sources
+from esvit_jax.configs import common
+from esvit_jax.data import augment, demo_data, multicrop, sources
 
 
 def _config(**overrides):
@@ -93,6 +93,43 @@ def test_blur_sigma_from_the_config_reaches_the_crops():
 
   dino, faint = sharpness(_config()), sharpness(_config(blur_sigma=(0.02, 0.03)))
   assert faint > 1.2 * dino
+
+
+# DataAugmentationDINO (main_dino.py, main_esvit.py): per crop, flip 0.5, colour jitter 0.8, grayscale 0.2;
+# blur 1.0 on global crop 1, 0.1 on global crop 2, 0.5 on the locals; solarize 0.2 on global crop 2 only.
+OFFICIAL_RATES = {
+  "flip": (0.5, 0.5, 0.5),
+  "jitter": (0.8, 0.8, 0.8),
+  "gray": (0.2, 0.2, 0.2),
+  "blur": (1.0, 0.1, 0.5),
+  "solarize": (0.0, 0.2, 0.0),
+}
+
+
+def assert_rates_are_official(choices, crop):
+  """choices[name]: bool [num] of what the pipeline chose for crop 0 (global 1), 1 (global 2) or 2 (a
+  local); each rate within 4 binomial standard deviations of the official one (exact for 0 and 1)."""
+  for name, rates in OFFICIAL_RATES.items():
+    p, got = rates[crop], np.mean(choices[name])
+    assert abs(got - p) <= 4 * np.sqrt(p * (1 - p) / len(choices[name])), (name, crop, got, p)
+
+
+def test_host_pipeline_samples_dinos_per_crop_probabilities(monkeypatch):
+  # The pipeline runs as in training (seeds of the stream positions, its own sample_photometric); only the
+  # application of the sampled choices is replaced by a probe that returns them as the crops' pixels.
+  def choices_as_pixels(x, params):
+    del x
+    chosen = [params[k] for k in ("flip", "gray", "blur", "solarize")] + [params["order"][:, 0] != 4]
+    return tf.cast(tf.stack(chosen, axis=1), tf.float32)[:, None, :, None]
+
+  monkeypatch.setattr(augment, "apply_photometric", choices_as_pixels)
+  config = _config(batch_size=500, global_crop_size=4, local_crop_size=4, num_local_crops=2)
+  batches = _take(multicrop.pretrain_dataset(config, process_index=0, process_count=1), 4)
+  crops = {k: np.concatenate([b[k][:, :, 0, :, 0] for b in batches]) for k in ("globals", "locals")}
+  views = [crops["globals"][:, 0], crops["globals"][:, 1], crops["locals"].reshape(-1, 5)]
+  for crop, chosen in enumerate(views):
+    names = ("flip", "gray", "blur", "solarize", "jitter")
+    assert_rates_are_official({name: chosen[:, k] == 1 for k, name in enumerate(names)}, crop)
 
 
 @pytest.mark.parametrize("augment_on", ["host", "device"])

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import torch
 
-from configs import common
 from esvit_jax import optim
+from esvit_jax.configs import common
 
 STEPS_PER_EPOCH = 4
 EPOCHS = 3

@@ -1,6 +1,6 @@
 """The package as a user installs it: pyproject.toml's ranges admit the lock, and a wheel built from the
 sources installs into a fresh virtual environment outside the repository, where the library, the tools and
-the benchmarks work from any directory.
+the benchmarks work from any directory, and the recipes (esvit_jax.configs) come with it.
 
 The fresh environment (no --system-site-packages, no PYTHONPATH) gets the built wheel and its declared
 dependencies with `uv pip install --offline -c requirements.txt`: uv resolves pyproject.toml's ranges itself,
@@ -70,10 +70,15 @@ def uv() -> str:
   return path if os.path.exists(path) else shutil.which("uv")
 
 
-def run(cmd, cwd, timeout=300) -> subprocess.CompletedProcess:
-  """Runs cmd without this checkout on the import path."""
+def shell(cmd, cwd, timeout=300) -> subprocess.CompletedProcess:
+  """Runs cmd as a user's shell does: without this checkout on the import path."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(cmd, cwd, timeout=300) -> subprocess.CompletedProcess:
+  """shell(cmd), which must succeed."""
+  done = shell(cmd, cwd, timeout)
   assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
   return done
 
@@ -165,20 +170,53 @@ def test_tools_run_as_modules_from_another_directory_without_torch(installed, tm
 
 
 @pytest.mark.slow
+def test_demo_reads_its_packaged_config_from_another_directory(installed, tmp_path):
+  python, _ = installed
+  done = shell([python, "-m", "esvit_jax.demo", "--help"], tmp_path)
+  assert "Traceback" not in done.stderr and "--workdir" in done.stdout, done.stderr[-4000:]
+  script = (
+    "import sys\n"
+    "from ml_collections.config_flags import config_flags\n"
+    "from esvit_jax import demo\n"
+    "assert str(demo.DEFAULT_CONFIG).startswith(sys.prefix), demo.DEFAULT_CONFIG\n"
+    "parse = config_flags.ConfigFileFlagParser('config').parse\n"
+    "print([parse(f'{demo.DEFAULT_CONFIG}:task={t}').task for t in ('pretrain', 'knn', 'linear_probe')])\n"
+  )
+  done = run([python, "-c", script], tmp_path)
+  assert done.stdout.strip() == "['pretrain', 'knn', 'linear_probe']"
+
+
+@pytest.mark.slow
+def test_a_user_config_anywhere_starts_from_the_installed_recipes(installed, tmp_path):
+  """A config file outside any checkout imports esvit_jax.configs and main.py runs it: its own value (an
+  unknown backbone, stopped at start) reaches the run, so the file was loaded with the recipe under it."""
+  python, _ = installed
+  shutil.copy(os.path.join(ROOT, "main.py"), tmp_path / "main.py")  # Away from the checkout's esvit_jax/.
+  (tmp_path / "mine.py").write_text(
+    "import sys\n\n"
+    "import esvit_jax\n"
+    "from esvit_jax.configs import swin_t\n\n"
+    "assert esvit_jax.__file__.startswith(sys.prefix), esvit_jax.__file__\n\n\n"
+    "def get_config(arg=None):\n"
+    "  config = swin_t.get_config(arg)\n"
+    "  config.model.backbone = 'my_backbone'\n"
+    "  return config\n"
+  )
+  done = shell(
+    [python, "main.py", "--config", "mine.py:window=14", f"--workdir={tmp_path / 'run'}"], tmp_path
+  )
+  assert done.returncode == 2, done.stderr[-4000:]
+  assert "config.model.backbone='my_backbone' is unknown" in done.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "script,flag",
   [("train_step.py", "--per_device_batch"), ("input_pipeline.py", "--num_images"), ("faults.py", "--kills")],
 )
 def test_benchmarks_run_as_scripts_from_another_directory(installed, tmp_path, script, flag):
   python, _ = installed
-  done = subprocess.run(
-    [python, os.path.join(ROOT, "benchmarks", script), "--help"],
-    cwd=tmp_path,
-    env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  done = shell([python, os.path.join(ROOT, "benchmarks", script), "--help"], tmp_path)
   assert "Traceback" not in done.stderr, done.stderr[-4000:]
   assert flag in done.stdout + done.stderr  # absl's --help exits with 1 after printing the flags.
 

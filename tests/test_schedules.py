@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
 from esvit_jax import schedules
+from esvit_jax.configs import common
 
 STEPS_PER_EPOCH = 10
 

@@ -64,7 +64,7 @@ def _canvases(batch=16, canvas=40, seed=0):
 
 def _augment(mesh):
   """device_augment.multicrop jitted with the train step's batch sharding over `mesh`."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from esvit_jax.configs import common  # pylint: disable=g-import-not-at-top
   from esvit_jax.data import device_augment  # pylint: disable=g-import-not-at-top
 
   config = common.pretrain_config("swin_tiny", 0.1)

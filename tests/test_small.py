@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import common
 from esvit_jax import errors, train, writers
+from esvit_jax.configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "configs", "small.py")

@@ -152,16 +152,19 @@ def to_numpy(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize("size,ws,shift", [(6, 4, 2), (5, 4, 0), (8, 4, 2), (3, 7, 3)])
-def test_swin_block_matches_numpy_reference(size, ws, shift):
+# Input std 1e-3 (variance 1e-6, the size of eps): LayerNorm's eps 1e-6 and 1e-5 then differ by 2x.
+@pytest.mark.parametrize(
+  "size,ws,shift,std", [(6, 4, 2, 1.0), (5, 4, 0, 1.0), (8, 4, 2, 1.0), (3, 7, 3, 1.0), (6, 4, 2, 1e-3)]
+)
+def test_swin_block_matches_numpy_reference(size, ws, shift, std):
   block = swin.SwinBlock(num_heads=2, window_size=ws, shift=shift)
-  x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+  x = std * jax.random.normal(jax.random.key(0), (2, size, size, 8))
   params = randomize(block.init(jax.random.key(1), x)["params"], jax.random.key(2))
   out = block.apply({"params": params}, x)
   p = to_numpy(params)
   for b in range(2):
     ref = np_swin_block(np.asarray(x[b], np.float64), p, ws, shift, heads=2)
-    np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[b], ref, rtol=0, atol=1.5e-6)  # Measured 4.8e-7 on 2026-12-03 (CPU).
 
 
 def test_window_attention_matches_numpy_reference():
@@ -172,7 +175,41 @@ def test_window_attention_matches_numpy_reference():
   out = attn.apply({"params": params}, windows, mask)
   for b in range(2):
     ref = np_window_attention(np.asarray(windows[b], np.float64), to_numpy(params), 3, 3, mask)
-    np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[b], ref, rtol=0, atol=1.5e-6)  # Measured 3.6e-7 on 2026-12-03 (CPU).
+
+
+def test_patch_embedding_is_a_4x4_stride_4_convolution_then_layer_norm_with_eps_1e_6():
+  """Each token is the dot product of one 4x4 patch (row-major pixels) with the kernel, plus the bias, then
+  LayerNorm. The convolution is scaled down so that the tokens' variance over channels is a few 1e-6, the
+  size of eps: eps 1e-5 instead of 1e-6 would change the output by about half."""
+  embed = swin.PatchEmbed(embed_dim=8, patch_size=4)
+  images = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+  params = randomize(embed.init(jax.random.key(1), images)["params"], jax.random.key(2))
+  params["proj"] = jax.tree.map(lambda a: 1e-3 * a, params["proj"])
+  out = embed.apply({"params": params}, images)
+  p = to_numpy(params)
+  kernel = p["proj"]["kernel"].reshape(48, 8)  # [kh, kw, in, out]: pixel (i, j), channel c at (4i + j) 3 + c.
+  x = np.asarray(images, np.float64)
+  tokens = np.zeros((2, 3, 3, 8))
+  for y in range(3):
+    for x_ in range(3):
+      patch = x[:, 4 * y : 4 * y + 4, 4 * x_ : 4 * x_ + 4].reshape(2, 48)
+      tokens[:, y, x_] = patch @ kernel + p["proj"]["bias"]
+  assert 1e-6 < tokens.var(-1).mean() < 1e-5
+  # Measured 3.6e-7 on 2026-12-03 (CPU, float32); eps 1e-5 moves the output by 0.6, dropping the norm by 1.9.
+  np.testing.assert_allclose(out, np_layer_norm(tokens, p["norm"]), rtol=0, atol=1e-6)
+
+
+def test_mlp_uses_the_exact_erf_gelu():
+  """Pre-activations spread over [-4, 4], where the tanh approximation is up to 5e-4 off the erf form."""
+  mlp = swin.Mlp(hidden_dim=64)
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  params = randomize(mlp.init(jax.random.key(1), x)["params"], jax.random.key(2))
+  out = mlp.apply({"params": params}, x)
+  p = to_numpy(params)
+  ref = np_dense(np_gelu(np_dense(np.asarray(x, np.float64), p["fc1"])), p["fc2"])
+  # Measured 9.5e-7 on 2026-12-03 (CPU, float32); the tanh form moves the output by 7e-4.
+  np.testing.assert_allclose(out, ref, rtol=0, atol=3e-6)
 
 
 @pytest.mark.parametrize("size", [6, 5])
@@ -186,7 +223,7 @@ def test_patch_merging_order_and_odd_padding(size):
   x0, x1, x2, x3 = xp[0::2, 0::2], xp[1::2, 0::2], xp[0::2, 1::2], xp[1::2, 1::2]
   p = to_numpy(params)
   ref = np_dense(np_layer_norm(np.concatenate([x0, x1, x2, x3], -1), p["norm"]), p["reduction"])
-  np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out[0], ref, rtol=0, atol=1e-6)  # Measured 2.4e-7 on 2026-12-03 (CPU).
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,11 +262,16 @@ def test_swin_tiny_local_crop_forward_and_windows():
   model = models.build_backbone("swin_tiny")
   images = jax.random.normal(jax.random.key(1), (1, 96, 96, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
-  (pooled, regions), state = jax.jit(lambda v, x: model.apply(v, x, mutable="intermediates"))(
-    variables, images
-  )
-  assert regions.shape == (1, 9, 768) and np.all(np.isfinite(regions))
-  np.testing.assert_allclose(pooled, regions.mean(1), rtol=1e-5, atol=1e-5)
+  norm = randomize(variables["params"]["norm"], jax.random.key(3))
+  variables = {"params": {**variables["params"], "norm": norm}}
+  (pooled, regions), state = jax.jit(
+    lambda v, x: model.apply(v, x, mutable="intermediates", capture_intermediates=True)
+  )(variables, images)
+  # The regions are the last block's 3x3 output, row-major, through the final LayerNorm; pooled their mean.
+  last_block = np.asarray(state["intermediates"]["layers_3"]["blocks_1"]["__call__"][0], np.float64)
+  expected = np_layer_norm(last_block.reshape(1, 9, 768), to_numpy(norm))
+  np.testing.assert_allclose(regions, expected, rtol=0, atol=1e-6)  # Measured 2.4e-7 on 2026-12-03 (CPU).
+  np.testing.assert_allclose(pooled, expected.mean(1), rtol=0, atol=5e-7)
   # 96px: stage 3 (6x6) is padded to one 7x7 window and keeps its shift; stage 1 (24 -> 28) has 16 windows.
   attn = state["intermediates"]["layers_2"]["blocks_1"]["attn"]["attention"][0]
   assert attn.shape == (1, 1, 12, 49, 49)
@@ -278,6 +320,9 @@ def test_drop_path_drops_whole_samples_and_keeps_expectation():
   assert abs(kept.mean() - 0.75) < 0.01 and abs(float(y.mean()) - 1.0) < 0.02
 
 
+LINEARS = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
+
+
 def test_official_initialisation():
   model = models.build_backbone("swin_tiny", **TINY)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -286,6 +331,10 @@ def test_official_initialisation():
   assert abs(float(jnp.std(block["attn"]["relative_position_bias_table"])) - 0.02) < 0.006
   np.testing.assert_array_equal(block["mlp"]["fc1"]["bias"], 0)
   np.testing.assert_array_equal(block["norm1"]["scale"], 1)
+  # torch's trunc_normal_(std=0.02) cuts at +-2 absolute (100 std), so 4.55% of the weights lie beyond
+  # 2 std (none would with a cut at +-2 std); 12,288 weights: the fraction's std is 0.2%.
+  kernels = np.concatenate([np.ravel(block[m][n]["kernel"]) for m, ns in LINEARS.items() for n in ns])
+  assert abs(np.mean(np.abs(kernels) > 0.04) - 0.0455) < 0.01 and np.abs(kernels).max() < 2
   conv = params["patch_embed"]["proj"]
   bound = 1 / np.sqrt(3 * 4 * 4)
   for leaf in (conv["kernel"], conv["bias"]):

@@ -74,14 +74,16 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
     "main.py",
     "--config",
     "tests/configs/tiny.py",
-    "--config.total_steps=3",
+    "--config.total_steps=6",
     "--config.eval_every_steps=3",
+    "--config.keep_ckpts=1",
+    "--config.keep_every_steps=4",
     f"--workdir={workdir}",
   ]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   records = writers.read_metrics(workdir)
-  assert {1, 2, 3} <= set(losses(workdir))
+  assert set(range(1, 7)) <= set(losses(workdir))
   for name in (
     "view_loss",
     "region_loss",
@@ -99,7 +101,8 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
   assert any("knn_top1_k20" in r for r in records)
   assert all(0 <= r["input_wait"] < 1 for r in records if "input_wait" in r)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-  assert checkpointing.Checkpointer(workdir).all_steps() == [2, 3]
+  # Saved at 2, 4, 6: kept the last keep_ckpts (6) and every keep_every_steps-th (4).
+  assert checkpointing.Checkpointer(workdir).all_steps() == [4, 6]
   model, params = export.load_pretrained(workdir / "export")
   pooled, regions = model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
   assert pooled.shape == (1, 32) and regions.shape == (1, 16, 32)
@@ -224,7 +227,7 @@ def test_device_mode_trains_on_a_folder_with_corrupt_files_and_counts_them(tmp_p
 
 
 def test_config_file_arguments_and_overrides_reach_the_run():
-  from configs import swin_b  # pylint: disable=g-import-not-at-top
+  from esvit_jax.configs import swin_b  # pylint: disable=g-import-not-at-top
 
   config = swin_b.get_config("window=14")
   assert config.model.window_size == 14 and config.batch_size == 512 and config.epochs == 300

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from esvit_jax import sharding, train_step
+from esvit_jax import losses, sharding, train_step
+from esvit_jax.configs import common
 from esvit_jax.data import device_augment
 
 STEPS_PER_EPOCH = 4
@@ -87,6 +87,11 @@ def test_first_step_teacher_centres_and_metrics(single_device):
   after, metrics = states[0], metrics[0]
   momentum = 0.996  # Momentum schedule at step 0.
 
+  # The teacher starts as a copy of the student; both centres start at zero.
+  jax.tree.map(np.testing.assert_array_equal, initial.teacher_params, initial.params)
+  np.testing.assert_array_equal(initial.center, 0.0)
+  np.testing.assert_array_equal(initial.region_center, 0.0)
+
   # Teacher = m * teacher + (1 - m) * student, with the updated student.
   expected_teacher = jax.tree.map(
     lambda t, s: momentum * t + (1 - momentum) * s, initial.teacher_params, after.params
@@ -128,6 +133,34 @@ def test_first_step_teacher_centres_and_metrics(single_device):
     v.dtype for v in jax.tree.leaves((after.params, after.teacher_params, after.opt_state, after.center))
   }
   assert dtypes == {np.dtype(np.float32), np.dtype(np.int32)}  # int32: optimizer step counts.
+
+
+def test_second_step_loss_uses_the_centres_from_before_their_update(single_device):
+  """Step 1's losses, recomputed from the state after step 0 (its student with the step's dropout key, its
+  teacher, its centres), equal the step's metrics; with the centres this step writes they do not."""
+  _, states, metrics, _ = single_device
+  state, config = states[0], tiny_config()
+  model = train_step.build_model(config)
+  batch = host_batch()
+  crops = [jnp.asarray((batch[k] / 255.0 - MEAN) / STD, jnp.float32) for k in ("globals", "locals")]
+  dropout = jax.random.fold_in(state.rng, 1)
+
+  @jax.jit
+  def step_losses(centers):
+    teacher = model.apply({"params": state.teacher_params}, crops[:1], train=False)[0]
+    student = model.apply({"params": state.params}, crops, train=True, rngs={"dropout": dropout})
+    _, aux = losses.esvit_loss(
+      student, teacher, *centers, teacher_temp=0.04, student_temp=0.1, region_loss_weight=0.5
+    )
+    return aux["view_loss"], aux["region_loss"]
+
+  before = step_losses((state.center, state.region_center))
+  updated = step_losses((states[1].center, states[1].region_center))
+  got = (metrics[1]["view_loss"], metrics[1]["region_loss"])
+  print("step-1 losses, recomputed - step:", np.subtract(before, got), "with the new centres:", updated)
+  np.testing.assert_allclose(before, got, rtol=1e-6)  # Measured: equal.
+  for name, new, old in zip(("view", "region"), updated, got, strict=True):
+    assert abs(new - old) > 1e-3 * abs(old), name  # The centres' update is visible in each loss.
 
 
 @pytest.mark.parametrize("strategy", ["data", "fsdp"])

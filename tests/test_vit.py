@@ -1,20 +1,22 @@
 """ViT backbone: an independent PyTorch ViT written here from the maths (official key names), the bicubic
 position-embedding interpolation against torch, parameter counts, the converter, and EsViT/DINO training."""
 
+import json
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from configs import knn as knn_configs
-from configs import linear_probe as linear_configs
-from esvit_jax import convert, export, sharding, train, writers
+from esvit_jax import checkpointing, convert, export, sharding, train, train_step, writers
+from esvit_jax.configs import knn as knn_configs
+from esvit_jax.configs import linear_probe as linear_configs
 from esvit_jax.evaluate import knn, linear
 from esvit_jax.models import backbones, build_backbone, build_esvit, vit
 from tests import test_train_step
@@ -199,6 +201,28 @@ def test_full_vit_small_matches_pytorch_on_a_local_crop():
   assert relative_error(cls, ref_cls) < 1e-5 and relative_error(patches, ref_patches) < 1e-5
 
 
+@pytest.mark.parametrize("std", [1.0, 1e-3])
+def test_block_matches_pytorch_also_on_tokens_of_tiny_variance(std):
+  """Tokens of std 1e-3 (variance 1e-6, the size of eps) make LayerNorm's eps 1e-6 and 1e-5 differ by 2x;
+  unit tokens spread the GELU's inputs where the tanh form is off erf by up to 5e-4."""
+  reference = randomize_(TorchBlock(32, 2), seed=7).eval()
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  params = {}
+  for key, value in state.items():  # torch Linear [out, in] -> Dense [in, out]; LayerNorm weight -> scale.
+    *path, leaf = key.split(".")
+    name = "kernel" if leaf == "weight" and value.ndim == 2 else "scale" if leaf == "weight" else leaf
+    node = params
+    for module in path:
+      node = node.setdefault(module, {})
+    node[name] = value.T if name == "kernel" else value
+  tokens = std * torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+  with torch.no_grad():
+    expected = reference(tokens).numpy()
+  out = jax.jit(vit.Block(num_heads=2).apply)({"params": params}, jnp.asarray(tokens.numpy()))
+  # Measured 1.1e-6 on 2026-12-03 (CPU); the tanh GELU moves the output by 4e-4, eps 1e-5 (std 1e-3) by 1.0.
+  np.testing.assert_allclose(out, expected, rtol=0, atol=3e-6)
+
+
 def count(tree):
   return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
@@ -315,6 +339,10 @@ def test_dino_checkpoint_converts_and_loads_strict_into_the_reference(tmp_path, 
   with torch.no_grad():
     ref_cls, _ = fresh(images)
   assert relative_error(model.apply({"params": params}, nhwc(images))[0], ref_cls) < 1e-5
+  # The student's keys carry both wrappers ('module.backbone.'): both are stripped.
+  convert.main(["from-torch", path, str(tmp_path / "student"), "--key", "student"])
+  _, student = export.load_backbone(tmp_path / "student")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(student), jax.device_get(params))
 
 
 def test_vit_layout_errors_are_reported(tmp_path):
@@ -426,16 +454,18 @@ def test_full_dino_vit_checkpoint_becomes_a_workdir_for_the_vit_recipe(tmp_path,
   monkeypatch.chdir(ROOT)
   config_file = tmp_path / "small_vit.py"
   config_file.write_text(
-    "from configs import vit_common\n\n\n"
+    "from esvit_jax.configs import vit_common\n\n\n"
     "def get_config(arg=None):\n"
     "  config = vit_common.vit_pretrain_config('vit_small', arg)\n"
     "  config.model.update(embed_dim=128, depth=2, num_heads=2)\n"
     "  return config\n"
   )
   backbone = random_vit(21, embed_dim=128, depth=2, heads=2, patch=16).state_dict()
+  head = randomize_(TorchDINOHead(128, 32, 24, 8), seed=22).state_dict()
+  head["last_layer.weight_g"] = torch.ones(32, 1)  # norm_last_layer=True: g stays 1 in DINO's runs.
   teacher = {
     **{"backbone." + k: v for k, v in backbone.items()},
-    **{"head." + k: v for k, v in TorchDINOHead(128, 32, 24, 8).state_dict().items()},
+    **{"head." + k: v for k, v in head.items()},
   }
   checkpoint = {
     "student": {"module." + k: v for k, v in teacher.items()},
@@ -461,3 +491,13 @@ def test_full_dino_vit_checkpoint_becomes_a_workdir_for_the_vit_recipe(tmp_path,
   _, params = export.load_pretrained(workdir)
   reference = convert.convert_state_dict(teacher, with_heads=False).params["backbone"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), reference)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  assert config.model.norm_last_layer and config.region_loss_weight == 0
+  abstract = train_step.abstract_train_state(config, sharding.make_mesh(jax.devices()[:1]), steps_per_epoch=3)
+  state, _ = checkpointing.Checkpointer(workdir).restore_latest(abstract)
+  assert int(state.step) == 6
+  np.testing.assert_array_equal(state.center, checkpoint["dino_loss"]["center"].numpy())
+  for network in (state.params, state.teacher_params):
+    last_layer = network["view_head"]["last_layer"]
+    assert set(last_layer) == {"kernel"}  # g = 1 dropped: a norm_last_layer=True head has no scale.
+    np.testing.assert_array_equal(last_layer["kernel"], head["last_layer.weight_v"].numpy().T)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from esvit_jax import errors, export, sharding
+from esvit_jax import console, errors, export, sharding
 from esvit_jax.data import multicrop, normalize, sources
 from esvit_jax.evaluate import results as results_lib
 
@@ -312,6 +312,17 @@ def run(config, workdir: str) -> dict[str, float]:
     labels=True,
   )
 
+  num_train, num_test = (
+    min(source.num_examples(split), limit or source.num_examples(split))
+    for split, limit in (
+      (config.train_split, config.max_train_examples),
+      (config.eval_split, config.max_eval_examples),
+    )
+  )
+  console.detail(
+    f"{type(model).__name__} from {config.pretrained}; {source.describe()}: {num_train:,} "
+    f"{config.train_split} images as the memory bank, {num_test:,} {config.eval_split} images as queries"
+  )
   features = jax.jit(lambda images: pooled_features(model, params, images, dtype))
   metrics = evaluate_split_pair(
     features,
@@ -324,4 +335,25 @@ def run(config, workdir: str) -> dict[str, float]:
     max_test=config.max_eval_examples,
   )
   results_lib.write(workdir, metrics, config)
+  console.say(results_table(metrics, config.temperature))
   return metrics
+
+
+def results_table(metrics: Mapping[str, float], temperature: float) -> str:
+  """The k-NN accuracies as a table for the console: one row per k, top-1 and top-5.
+
+  Args:
+    metrics: what knn_classify returns.
+    temperature: the vote's temperature, for the title.
+
+  Returns:
+    The title and the table, as text.
+  """
+  ks = sorted(int(name.rpartition("_k")[2]) for name in metrics if name.startswith("knn_top1_k"))
+  rows = [
+    [k, f"{metrics[f'knn_top1_k{k}']:.2f}%"]
+    + ([f"{metrics[f'knn_top5_k{k}']:.2f}%"] if f"knn_top5_k{k}" in metrics else [])
+    for k in ks
+  ]
+  header = ["k", "top-1", "top-5"][: len(rows[0]) if rows else 2]
+  return f"k-NN accuracy (weighted vote, T={temperature}):\n" + console.table(header, rows)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from esvit_jax import checkpointing, errors, export, loop, models, schedules, sharding, writers
+from esvit_jax import checkpointing, console, errors, export, loop, models, schedules, sharding, writers
 from esvit_jax.data import multicrop, normalize, sources
 from esvit_jax.evaluate import results as results_lib
 
@@ -170,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       splits=(config.train_split, config.eval_split),
       labels=True,
     )
-    steps_per_epoch = multicrop.steps_per_epoch(config, source.num_examples(config.train_split))
+    num_images = source.num_examples(config.train_split)
+    steps_per_epoch = multicrop.steps_per_epoch(config, num_images)
     total_steps = config.epochs * steps_per_epoch
 
     avgpool = (True,) if config.avgpool_patchtokens else ()
@@ -194,6 +195,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.n_last_blocks,
       source.num_classes,
       total_steps,
+    )
+    console.detail(
+      f"a linear layer on {feature_dim}-d features of the last {config.n_last_blocks} blocks of "
+      f"{type(backbone).__name__} from {config.pretrained}",
+      f"{source.describe()}, {num_images:,} {config.train_split} images: {total_steps:,} steps of batch "
+      f"{config.batch_size} ({config.epochs} epochs), top-1 on {config.eval_split} after each epoch",
     )
     probe = Probe(features, feature_dim, source.num_classes, make_optimizer(config, steps_per_epoch), mesh)
 
@@ -239,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       heartbeat=heartbeat,
       log_every=config.log_every_steps,
       ckpt_every=steps_per_epoch,
-      evaluations=[loop.Periodic("val", steps_per_epoch, validate)],
+      evaluations=[loop.Periodic("val", steps_per_epoch, validate, shown="val_top1")],
       checkpoint_meta=lambda step: {"history": list(history)},
     ).run(state, probe.train, batches, first_step)
     checkpointer.close()
@@ -260,4 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "feature_dim": feature_dim,
     }
     results_lib.write(workdir, results, config)
+    console.say(
+      f"Linear probe top-1 on {config.eval_split}: best {results['linear_top1_best']:.2f}% (epoch {best + 1} "
+      f"of {len(history)}), last {results['linear_top1_last']:.2f}%."
+    )
     return results

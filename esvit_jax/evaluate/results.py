@@ -8,11 +8,9 @@ from etils import epath
 import jax
 import ml_collections
 
-from esvit_jax import writers
-
 
 def write(workdir: str | os.PathLike, metrics: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-  """Writes workdir/results.json (process 0) and prints the metrics as a short table (every process).
+  """Writes workdir/results.json (process 0); the task prints its own table (esvit_jax.console).
 
   Args:
     workdir: the evaluation's directory (created if missing).
@@ -28,4 +26,3 @@ def write(workdir: str | os.PathLike, metrics: dict[str, Any], config: ml_collec
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-  print("\n" + writers.fields_table(metrics, digits=2))

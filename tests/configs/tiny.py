@@ -1,6 +1,6 @@
 """The demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests."""
 
-from configs import demo
+from esvit_jax.configs import demo
 
 
 def get_config(arg: str | None = None):

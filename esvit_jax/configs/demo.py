@@ -15,7 +15,7 @@ Measured (2026-12-01, k-NN top-1, k=20, demo test split): raw pixels 33.7%, init
 these 32 epochs (1984 steps, 5.6 minutes on 2 cores) 48.7%; after 16 epochs 42.2%.
 """
 
-from configs import common, small
+from esvit_jax.configs import common, small
 
 
 def get_config(arg: str | None = None):

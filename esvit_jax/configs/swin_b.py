@@ -4,7 +4,7 @@ python main.py --config configs/swin_b.py --workdir DIR
 python main.py --config configs/swin_b.py:window=14 --workdir DIR   # the W=14 variant
 """
 
-from configs import common
+from esvit_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ python main.py --config configs/vit_s16.py:patch=8 --workdir DIR            # vi
 python main.py --config configs/vit_s16.py:dino=true --workdir DIR          # plain DINO (view loss only)
 """
 
-from configs import vit_common
+from esvit_jax.configs import vit_common
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ python main.py --config configs/vit_tiny.py:patch=8 --workdir DIR            # v
 python main.py --config configs/vit_tiny.py:dino=true --workdir DIR          # plain DINO (view loss only)
 """
 
-from configs import vit_common
+from esvit_jax.configs import vit_common
 
 
 def get_config(arg: str | None = None):

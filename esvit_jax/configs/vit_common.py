@@ -10,7 +10,7 @@ Everything else (AdamW, lr 5e-4 x batch / 256, 10 warm-up epochs, min lr 1e-6, w
 momentum 0.996 -> 1, clip 3.0, last layer frozen 1 epoch, out_dim 65536, 2 x 224 + 8 x 96 crops) is shared.
 """
 
-from configs import common
+from esvit_jax.configs import common
 
 
 def vit_pretrain_config(backbone: str, arg: str | None = None):

@@ -7,7 +7,15 @@ from esvit_jax.data import constants
 
 
 def parse_arg(arg: str | None, **defaults):
-  """Parses 'k=v,k2=v2' config arguments, typing each value like its default."""
+  """Parses 'k=v,k2=v2' config arguments, typing each value like its default.
+
+  Args:
+    arg: the text after the config file's colon (`configs/swin_t.py:window=14`), or None.
+    **defaults: every argument the config file accepts, with its default value.
+
+  Returns:
+    A ConfigDict of every argument: the given ones typed like their defaults, the others at their defaults.
+  """
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
@@ -22,7 +30,16 @@ def parse_arg(arg: str | None, **defaults):
 
 
 def pretrain_config(backbone: str, drop_path_rate: float, window_size: int = 7):
-  """The published EsViT recipe: batch 512, 300 epochs, ImageNet-1K, view + region losses."""
+  """The published EsViT recipe: batch 512, 300 epochs, ImageNet-1K, view + region losses.
+
+  Args:
+    backbone: a registered Swin or ViT name (esvit_jax.models), e.g. 'swin_tiny'.
+    drop_path_rate: the backbone's stochastic depth rate.
+    window_size: the Swin attention window (7 or 14).
+
+  Returns:
+    The pretraining config, every field a `--config.NAME=VALUE` override can change.
+  """
   config = ml_collections.ConfigDict()
   config.task = "pretrain"
   config.seed = 0

@@ -13,8 +13,8 @@ run does not learn. The fewer the images, the more epochs: on 1,437 digits (benc
 epochs left the k-NN where initialisation put it, 100 and 200 epochs raised it steadily.
 """
 
-from configs import common, knn, linear_probe
 from esvit_jax import errors
+from esvit_jax.configs import common, knn, linear_probe
 from esvit_jax.data import constants
 
 IMAGENET_CROP = 224  # The crop size DINO's pixel-valued augmentation strengths were chosen for.
