@@ -101,6 +101,7 @@ HOW = {
   "make install": NotRun("installs from the network; the suite runs inside what it installed"),
   "make test-fast": NotRun("the suite this test is part of"),
   "make lint": NotRun("CI runs it before the suite (.ci/run)"),
+  "make mutants": NotRun("three hours; tests/test_mutants.py runs the mutants of the once unguarded rows"),
   "make clean": NotRun("deletes the environment the suite runs in"),
   "python -m esvit_jax.demo --workdir demo_workdir": ParseOnly(
     "six minutes of training; tests/test_demo.py runs the demo on a tiny config"

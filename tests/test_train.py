@@ -78,6 +78,7 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
     "--config.eval_every_steps=3",
     "--config.keep_ckpts=1",
     "--config.keep_every_steps=4",
+    "--config.profile_steps=1",
     f"--workdir={workdir}",
   ]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -101,6 +102,7 @@ def test_main_runs_end_to_end_and_writes_metrics_checkpoint_and_export(tmp_path)
   assert any("knn_top1_k20" in r for r in records)
   assert all(0 <= r["input_wait"] < 1 for r in records if "input_wait" in r)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert list(workdir.glob("plugins/profile/*/*.xplane.pb")), "--config.profile_steps wrote no trace"
   # Saved at 2, 4, 6: kept the last keep_ckpts (6) and every keep_every_steps-th (4).
   assert checkpointing.Checkpointer(workdir).all_steps() == [4, 6]
   model, params = export.load_pretrained(workdir / "export")
