@@ -88,7 +88,7 @@ def test_main_keeps_the_traceback_of_a_bug(error, code, tmp_path):
   script = (
     "import runpy, sys\n"
     "from esvit_jax import errors, tasks\n"
-    "def run(config, workdir):\n"
+    "def run(config, workdir, config_file=None):\n"
     f"  raise {error}\n"
     "tasks.run = run\n"
     f"sys.argv = ['main.py', '--config', 'tests/configs/tiny.py', '--workdir', {str(tmp_path)!r}]\n"

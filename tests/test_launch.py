@@ -135,9 +135,12 @@ def checkout_copy(destination) -> str:
     .split("\0")
   )
   for name in filter(None, files):
-    if os.path.exists(os.path.join(ROOT, name)):
-      os.makedirs(os.path.dirname(os.path.join(destination, name)), exist_ok=True)
-      with open(os.path.join(ROOT, name), "rb") as src, open(os.path.join(destination, name), "wb") as dst:
+    source, target = os.path.join(ROOT, name), os.path.join(destination, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.islink(source):  # configs/ links to esvit_jax/configs/, as in a clone.
+      os.symlink(os.readlink(source), target)
+    elif os.path.exists(source):
+      with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(src.read())
   return str(destination)
 
