@@ -1,6 +1,7 @@
-r"""Speed of the real EsViT train step and of backbone inference, with MFU, on whatever devices JAX sees.
+r"""Speed of the real train step (EsViT or MAE) and of backbone inference, with MFU, on the devices JAX sees.
 
   python benchmarks/train_step.py --config configs/swin_t.py --per_device_batch 64
+  python benchmarks/train_step.py --config configs/mae_tiny.py --per_device_batch 256
   python benchmarks/train_step.py --config configs/demo.py --per_device_batch 8 --loop_steps 60   # CPU
   python benchmarks/train_step.py --config tests/configs/tiny.py --per_device_batch 2 --steps 3   # smoke run
 
@@ -23,6 +24,12 @@ and their rate at 2,500 images/s (one H100 at 40% MFU on Swin-T). --loop_steps r
 (train.train_and_evaluate, real input pipeline, no evaluation) for that many steps in the config's mode
 and reports its images/s and input_wait (the fraction of the loop's wall time spent waiting for a batch);
 add --config.augment_on=host for the other mode.
+
+An MAE config (config.method 'mae') has one crop per image and no host mode: "augment" is its crop and
+flip alone, and the host pipeline is the canvas decode alone. MAE's step is so cheap per image that its
+feed rate is derived from the analytic count: the images/s one H100 trains at 40% MFU, the host-to-device
+bytes at that rate and the host cores it takes. D-MAE's teacher is a randomly initialised ViT-Base (its
+FLOPs, not its weights, set the step time).
 """
 
 import os
@@ -36,8 +43,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from esvit_jax import console, flops, models, sharding, train_step
+from esvit_jax import console, flops, mae_step, models, sharding, train_step
 from esvit_jax.data import device_augment
+from esvit_jax.models import mae
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/swin_t.py", "Pretraining config.")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 32, "Images per device per step.")
@@ -48,6 +56,8 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "Host-pipeline b
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak bf16 TFLOP/s per device (default: known table).")
 _LOOP_STEPS = flags.DEFINE_integer("loop_steps", 0, "Steps of the real train loop; 0 skips it.")
 FEED_RATE = 2500  # Images/s one H100 trains at 40% MFU on Swin-T (BENCHMARKS.md): the input it needs.
+FEED_MFU = 0.4  # The MFU target MAE's feed rate assumes, on an H100.
+STEPS_PER_EPOCH = 2502  # ImageNet's 1,281,167 images in batches of 512: only the schedules read it.
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
@@ -88,6 +98,45 @@ def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
+
+
+def is_mae(config) -> bool:
+  """Whether config is an MAE (or D-MAE) pretraining config."""
+  return config.get("method") == "mae"
+
+
+def build_pretraining(config, mesh) -> train_step.Pretraining | mae_step.MaePretraining:
+  """The method's pretraining (as train.build_pretraining, whose clu and TensorFlow an accelerator host may
+  lack); D-MAE's teacher is a random ViT-Base with config.distill.teacher_heads heads."""
+  if not is_mae(config):
+    return train_step.Pretraining(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
+  teacher = None
+  if config.distill.enabled:
+    size, dtype = config.crop_size, jnp.dtype(config.compute_dtype)
+    backbone = models.build_backbone(
+      "vit_base", num_heads=config.distill.teacher_heads, drop_path_rate=0.0, dtype=dtype
+    )
+    init = lambda key: backbone.init(key, jnp.zeros((1, size, size, 3), dtype))["params"]  # noqa: E731
+    teacher = (backbone, jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(1)))
+  return mae_step.MaePretraining(config, mesh, steps_per_epoch=STEPS_PER_EPOCH, teacher=teacher)
+
+
+def describe(config) -> str:
+  """The model and its inputs in one line, for the headers."""
+  backbone = models.backbone_from_config(config.model)
+  if is_mae(config):
+    patches = (config.crop_size // backbone.patch_size) ** 2
+    teacher = ", D-MAE (random ViT-Base teacher)" if config.distill.enabled else ""
+    return (
+      f"MAE {config.model.backbone} patch {backbone.patch_size}, one {config.crop_size} px crop, "
+      f"{mae.num_kept(patches, config.mask_ratio)} of {patches} patches visible, decoder "
+      f"{config.model.decoder_dim} x {config.model.decoder_depth}{teacher}"
+    )
+  shape = f"W{backbone.window_size}" if hasattr(backbone, "window_size") else f"patch {backbone.patch_size}"
+  return (
+    f"{config.model.backbone} {shape}, 2x{config.global_crop_size} + "
+    f"{config.num_local_crops}x{config.local_crop_size} crops, K={config.model.out_dim}"
+  )
 
 
 def batch_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -133,20 +182,21 @@ def peak_memory_gib(devices) -> float | None:
 
 
 def benchmark_train_step(config, mesh) -> dict[str, float]:
-  state = train_step.create_train_state(config, mesh, jax.random.PRNGKey(0), steps_per_epoch=2502)
-  step_fn = train_step.make_train_step(config, mesh, steps_per_epoch=2502)
+  pretraining = build_pretraining(config, mesh)
+  state = pretraining.create_state(jax.random.PRNGKey(0))
+  step_fn = pretraining.train_step()
   batch = synthetic_batch(config, mesh)
   t = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - t
   cost = _cost(compiled)
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch)
+  for _ in range(1 + _WARMUP.value):  # The first call finds the compiled step in jit's cache.
+    state, metrics = step_fn(state, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = step_fn(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step = statistics.median(times)
@@ -173,13 +223,13 @@ def _cost(compiled) -> dict[str, float]:
 
 
 def benchmark_augmentation(config, mesh) -> dict[str, float]:
-  """The device augmentation alone on the synthetic canvases: XLA GFLOP per image and median ms per step."""
+  """The device augmentation alone on the synthetic canvases (EsViT's multi-crop, MAE's crop and flip): XLA
+  GFLOP per image and median ms per step."""
   batch = synthetic_batch(config, mesh)
   dtype = jnp.dtype(config.compute_dtype)
+  crops = device_augment.mae_crops if is_mae(config) else device_augment.multicrop
   augment = jax.jit(
-    lambda canvas, size: device_augment.multicrop(
-      canvas, size, jnp.arange(config.batch_size, dtype=jnp.int32), config, dtype
-    ),
+    lambda canvas, size: crops(canvas, size, jnp.arange(config.batch_size, dtype=jnp.int32), config, dtype),
     out_shardings=sharding.batch_sharding(mesh),
   )
   compiled = augment.lower(batch["canvas"], batch["image_size"]).compile()
@@ -216,9 +266,10 @@ def benchmark_loop(config, steps: int) -> dict[str, float]:
 
 
 def benchmark_inference(config, mesh) -> float:
-  """Backbone-only images/s at the global crop size (teacher forward, compute dtype)."""
-  model = train_step.build_model(config).backbone
-  size = config.global_crop_size
+  """Backbone-only images/s at the crop size (EsViT: the global crops', teacher forward; MAE: the encoder
+  on every patch, as evaluations run it), in the compute dtype."""
+  model = models.backbone_from_config(config.model, jnp.dtype(config.compute_dtype))
+  size = config.crop_size if is_mae(config) else config.global_crop_size
   batch = _INFERENCE_BATCH.value * mesh.size
   images = jax.device_put(
     jnp.zeros((batch, size, size, 3), jnp.dtype(config.compute_dtype)), sharding.batch_sharding(mesh)
@@ -248,8 +299,8 @@ def host_pipeline_unavailable() -> str | None:
 
 
 def benchmark_pipeline(config) -> float:
-  """Host pipeline images/s per core of this machine in config.augment_on's mode, on the demo set (CPU
-  time, so shared machines are fair)."""
+  """Host pipeline images/s per core of this machine in config.augment_on's mode (MAE: the canvas decode),
+  on the demo set (CPU time, so shared machines are fair)."""
   from esvit_jax.data import multicrop  # pylint: disable=g-import-not-at-top  # TensorFlow only when used.
 
   config = config.copy_and_resolve_references()
@@ -268,19 +319,23 @@ def main(argv):
   mesh = sharding.make_mesh()
   config.batch_size = _PER_DEVICE_BATCH.value * mesh.size
   device = mesh.devices.flat[0]
-  backbone = models.backbone_from_config(config.model)
-  shape = f"W{backbone.window_size}" if hasattr(backbone, "window_size") else f"patch {backbone.patch_size}"
   print(
     f"{mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
-    f"{config.model.backbone} {shape}, 2x{config.global_crop_size} + "
-    f"{config.num_local_crops}x{config.local_crop_size} crops, K={config.model.out_dim}, "
-    f"{config.compute_dtype}, global batch {config.batch_size}"
+    f"{describe(config)}, {config.compute_dtype}, global batch {config.batch_size}"
   )
   results = benchmark_train_step(config, mesh)
   results["host_to_device_bytes_per_img"] = host_to_device_bytes_per_image(config)
-  results[f"host_to_device_gb_s_at_{FEED_RATE}_img_s"] = (
-    results["host_to_device_bytes_per_img"] * FEED_RATE / 1e9
-  )
+  if is_mae(config):  # Its feed rate at 40% MFU, from the analytic count.
+    results["h100_img_s_at_40pct_mfu"] = (
+      FEED_MFU * PEAK_BF16_FLOPS["H100"] / results["analytic_gflop_per_img"] / 1e9
+    )
+    results["host_to_device_gb_s_at_h100_40pct_mfu"] = (
+      results["host_to_device_bytes_per_img"] * results["h100_img_s_at_40pct_mfu"] / 1e9
+    )
+  else:
+    results[f"host_to_device_gb_s_at_{FEED_RATE}_img_s"] = (
+      results["host_to_device_bytes_per_img"] * FEED_RATE / 1e9
+    )
   if config.augment_on == "device":
     results.update(benchmark_augmentation(config, mesh))
     results["augment_share_of_step_flops_percent"] = (
@@ -289,6 +344,12 @@ def main(argv):
     results["augment_share_of_analytic_step_percent"] = (
       100 * results["augment_xla_gflop_per_img"] / results["analytic_gflop_per_img"]
     )
+  if is_mae(config):  # No host mode to time the step without its crop: the crop alone against the step.
+    results["augment_alone_share_of_step_time_percent"] = (
+      100 * results["augment_alone_ms"] / results["step_ms"]
+    )
+    results["host_mode"] = "none for MAE (its crop is made in the step only)"
+  elif config.augment_on == "device":
     host_mode = config.copy_and_resolve_references()
     host_mode.augment_on = "host"
     without = benchmark_train_step(host_mode, mesh)
@@ -302,6 +363,8 @@ def main(argv):
     per_core = benchmark_pipeline(config)
     results["pipeline_img_s_per_core"] = per_core
     results["cores_to_feed_step"] = results["train_img_s"] / per_core
+    if is_mae(config):
+      results["cores_to_feed_h100_at_40pct_mfu"] = results["h100_img_s_at_40pct_mfu"] / per_core
     results["host_cores"] = os.cpu_count()
   print_results(results)
   if _LOOP_STEPS.value and (reason := host_pipeline_unavailable()):

@@ -1,13 +1,15 @@
-r"""`make demo`: pretrain a small Swin on the embedded demo dataset on this machine and say what it learned.
+r"""`make demo`: pretrain a small network on the embedded demo dataset on this machine, say what it learned.
 
   python -m esvit_jax.demo --workdir demo_workdir [--config configs/demo.py] [--config.epochs=8]
+  python -m esvit_jax.demo --workdir demo_workdir_mae --config configs/mae_demo.py    # MAE instead of EsViT
 
 Runs a pretraining config file (default: the package's esvit_jax/configs/demo.py; loaded like main.py loads
 one, `--config.NAME=VALUE` overrides included) through the same code as ImageNet runs: pretraining with
 the k-NN monitor on, then the k-NN evaluation and a linear probe of the exported teacher (the file's
 `task=knn` and `task=linear_probe` configs), each in its own sub-directory. It prints three k-NN top-1
 figures computed by the same code on the same split with the same k: raw pixels, the network at
-initialisation and the pretrained teacher. A second call resumes whatever did not finish.
+initialisation and the pretrained backbone (EsViT's teacher, MAE's encoder); for MAE it also draws the
+reconstructions of a few test images. A second call resumes whatever did not finish.
 """
 
 import os
@@ -20,9 +22,11 @@ import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_file  # main.py's --config loader.
 
-from esvit_jax import cli, console, errors, sharding, tasks, writers  # console before TensorFlow's import.
-from esvit_jax.data import sources
+from esvit_jax import cli, console, errors, mae_figure, sharding, tasks, writers  # console before TensorFlow.
+from esvit_jax.data import multicrop, sources
 from esvit_jax.evaluate import knn
+
+RECONSTRUCTED_IMAGES = 8  # MAE: held-out images whose reconstructions the demo draws.
 
 DEFAULT_CONFIG = epath.Path(__file__).parent / "configs" / "demo.py"  # Installed with the package.
 _WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where the three runs write.")
@@ -119,25 +123,42 @@ def main(argv):
   start = time.time()
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   figures = compare_with_baselines(config, pretrain_dir, _shown(config_path))
-  results = {}
+  results, eval_configs = {}, {}
   for task in ("knn", "linear_probe"):
-    eval_config = config_file.ConfigFileFlagParser(task).parse(_config_file_with(task))
-    eval_config.pretrained = os.fspath(pretrain_dir / "export")
-    results.update(tasks.run(eval_config, os.fspath(root / task), _shown(_config_file_with(task))))
+    eval_configs[task] = config_file.ConfigFileFlagParser(task).parse(_config_file_with(task))
+    eval_configs[task].pretrained = os.fspath(pretrain_dir / "export")
+    results.update(tasks.run(eval_configs[task], os.fspath(root / task), _shown(_config_file_with(task))))
+  is_mae = config.method == "mae"
+  if is_mae:
+    dataset, _ = multicrop.eval_dataset(
+      config, config.eval_split, batch_size=RECONSTRUCTED_IMAGES, max_examples=RECONSTRUCTED_IMAGES
+    )
+    images = next(dataset.as_numpy_iterator())["image"]
+    figure = mae_figure.save_reconstructions(pretrain_dir, images, root / "reconstruction.png", config.seed)
   minutes = (time.time() - start) / 60
 
   k = config.knn_k
   rows = {
     f"raw pixels (each image mean-centred, 2x2-averaged to {config.eval_crop_size} px)": "pixels",
     "the network at initialisation": "initial",
-    "the pretrained teacher": "pretrained",
+    f"the pretrained {'encoder' if is_mae else 'teacher'}": "pretrained",
   }
+  model = config.model
+  if is_mae:
+    network = f"MAE demo: a ViT (embed {model.embed_dim}, depth {model.depth}, {model.num_heads} heads)"
+  else:
+    network = f"EsViT demo: a Swin (embed {model.embed_dim}, depths {tuple(model.depths)})"
+  probe = eval_configs["linear_probe"]
+  probe_input = f"the last {probe.n_last_blocks} blocks"
+  if is_mae:  # A ViT: CLS tokens and, as configured, the mean patch token.
+    blocks = "block" if probe.n_last_blocks == 1 else f"{probe.n_last_blocks} blocks"
+    parts = [f"the CLS token of the last {blocks}"] if probe.n_last_blocks else []
+    probe_input = " and ".join(parts + (["the mean patch token"] if probe.avgpool_patchtokens else []))
   knn_export = ", ".join(
     f"k={k}: {results[f'knn_top1_k{k}']:.1f}%" for k in (10, 20, 100, 200) if f"knn_top1_k{k}" in results
   )
   console.summary(
-    f"EsViT demo: a Swin (embed {config.model.embed_dim}, depths {tuple(config.model.depths)}) "
-    f"pretrained on {config.dataset!r}, {config.batch_size} images per step.",
+    f"{network} pretrained on {config.dataset!r}, {config.batch_size} images per step.",
     [
       f"Pretraining: {figures['steps']} steps; this call: {figures['pretrain_minutes']:.1f} min of "
       f"pretraining (less if it resumed a run), {minutes:.1f} min in all.",
@@ -146,9 +167,12 @@ def main(argv):
       *(f"  {label + ':':<68}{figures[name]:5.1f}%" for label, name in rows.items()),
       f"  pretrained - raw pixels: {figures['pretrained'] - figures['pixels']:+.1f} points",
       f"k-NN evaluation of the export: {knn_export}",
-      f"Linear probe on the last 4 blocks: best {results['linear_top1_best']:.1f}%, last "
+      f"Linear probe on {probe_input}: best {results['linear_top1_best']:.1f}%, last "
       f"{results['linear_top1_last']:.1f}% top-1.",
       f"Learning curves: {pretrain_dir / 'curves.png'}",
+      *(
+        [f"Reconstructions of {RECONSTRUCTED_IMAGES} {config.eval_split} images: {figure}"] if is_mae else []
+      ),
       f"Outputs and log.txt under {root}/; TensorBoard: tensorboard --logdir {root}",
     ],
   )

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from esvit_jax import checkpointing, cli
+from esvit_jax import checkpointing, cli, mae_step
 from esvit_jax.errors import NotFoundError, UserError
 from esvit_jax.models import backbones
 
@@ -98,9 +98,10 @@ def teacher_from_workdir(
   dtype: Any = jnp.float32,
   sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[nn.Module, Any]:
-  """The teacher backbone of a pretraining checkpoint (the latest unless `step` is given).
+  """The backbone of a pretraining checkpoint (the latest unless `step` is given): EsViT's teacher, or MAE's
+  encoder with its sin-cos position table as `pos_embed`.
 
-  Only the teacher's backbone is read from the checkpoint (an Orbax partial restore): no optimizer, train
+  Only that backbone is read from the checkpoint (an Orbax partial restore): no optimizer, train
   state or heads are built, so loading needs the model code alone.
 
   Args:
@@ -134,7 +135,11 @@ def teacher_from_workdir(
   student = backbones.backbone_from_config(config["model"])
   model = backbones.from_architecture(backbones.architecture(student), dtype)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {"teacher_params": {"backbone": _abstract_params(model, sharding)}}
+  params = _abstract_params(model, sharding)
+  is_mae = config.get("method") == "mae"
+  # EsViT: the teacher's backbone; MAE: the encoder, whose fixed position table is not in the checkpoint.
+  path = ("params", "encoder") if is_mae else ("teacher_params", "backbone")
+  target = {path[0]: {path[1]: {k: v for k, v in params.items() if not (is_mae and k == "pos_embed")}}}
   state_dir = checkpointer.directory / str(steps[-1] if step is None else step) / "state"
   restored = ocp.PyTreeCheckpointer().restore(
     state_dir,
@@ -142,7 +147,11 @@ def teacher_from_workdir(
       target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
     ),
   )
-  return model, restored["teacher_params"]["backbone"]
+  restored = restored[path[0]][path[1]]
+  if is_mae:
+    grid_size = model.image_size // model.patch_size
+    restored = jax.device_put(mae_step.encoder_export_params(restored, model.embed_dim, grid_size), sharding)
+  return model, restored
 
 
 def load_pretrained(

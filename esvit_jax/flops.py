@@ -1,4 +1,4 @@
-"""Analytic FLOPs of the EsViT train step, for MFU (count the matmuls, 2 FLOPs per multiply-add).
+"""Analytic FLOPs of the EsViT and MAE train steps, for MFU (count the matmuls, 2 FLOPs per multiply-add).
 
 What is counted, per image, on the shapes the hardware really computes:
 - Swin block on an H x W map padded to Hp x Wp (multiples of its window w, channels C, MLP ratio r):
@@ -15,6 +15,12 @@ Training = student forward (2 globals + the locals) + its backward + the teacher
 The backward of a matmul costs twice its forward (gradients of both operands), except where only one
 operand needs a gradient: the patch embedding (the images need none) and the cross-entropy contractions
 (the teacher side needs none) cost once their forward; the region similarity (argmax only) has none.
+MAE (mae_step_flops), per image of N patches of which K stay visible: the patch embedding on all N, the
+encoder blocks on 1 + K tokens, the decoder embedding on 1 + K, the decoder blocks and the pixel
+prediction on 1 + N; backward twice the forward except the patch embedding's (once). With distillation,
+the head mix of each distilled block's logits 2*H_s*H_t*(1 + K)^2 (backward twice) and the frozen
+teacher's forward as far as its last distilled logits: its patch embedding on all N, its blocks before
+that one on the same 1 + K tokens, and that block's qkv and scores (XLA drops the rest, which nothing reads).
 Elementwise work (softmax, LayerNorm, GELU, the
 optimizer, the EMA) is not counted: it is small next to the matmuls and does not run on the matrix units.
 """
@@ -22,7 +28,7 @@ optimizer, the EMA) is not counted: it is small next to the matmuls and does not
 from collections.abc import Mapping
 from typing import Any
 
-from esvit_jax.models import backbones, swin
+from esvit_jax.models import backbones, mae, swin
 
 
 def _padded(size: int, multiple: int) -> int:
@@ -116,15 +122,64 @@ def head_flops(in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int) 
   )
 
 
+def mae_step_flops(config, teacher: Mapping[str, Any] | None = None) -> dict[str, float]:
+  """Matmul FLOPs of one MAE (or D-MAE) train step per image, split into parts, and their total ('step').
+
+  Args:
+    config: an MAE pretraining config (model with its decoder fields, crop_size, mask_ratio, distill).
+    teacher: with config.distill.enabled, the teacher's architecture record (backbones.architecture);
+      default ViT-Base/16 with config.distill.teacher_heads heads, D-MAE's teacher.
+
+  Returns:
+    {'student_forward', 'student_backward', 'teacher_forward', 'step'} FLOPs per image; the teacher's is 0
+    without distillation.
+  """
+  model = config.model
+  arch = backbones.architecture(backbones.backbone_from_config(model))
+  size, patch, mlp_ratio = config.crop_size, arch["patch_size"], arch["mlp_ratio"]
+  patches = (size // patch) ** 2
+  visible = 1 + mae.num_kept(patches, config.mask_ratio)
+  decoder = model.decoder_dim
+  embed = backbone_flops(arch, size)["patch_embed"]
+  body = (
+    arch["depth"] * vit_block_flops(visible, arch["embed_dim"], mlp_ratio)
+    + 2 * visible * arch["embed_dim"] * decoder
+    + model.decoder_depth * vit_block_flops(1 + patches, decoder, mlp_ratio)
+    + 2 * (1 + patches) * decoder * patch * patch * 3
+  )
+  teacher_forward = 0
+  if config.distill.enabled:
+    heads = config.distill.teacher_heads
+    teacher = teacher or backbones.architecture(backbones.build_backbone("vit_base", num_heads=heads))
+    body += len(config.distill.blocks) * 2 * arch["num_heads"] * heads * visible**2
+    dim, last = teacher["embed_dim"], max(config.distill.blocks)
+    teacher_forward = (
+      backbone_flops(teacher, size)["patch_embed"]
+      + (last - 1) * vit_block_flops(visible, dim, teacher["mlp_ratio"])
+      + 2 * visible * dim * 3 * dim
+      + 2 * visible**2 * dim
+    )
+  parts = {
+    "student_forward": embed + body,
+    "student_backward": embed + 2 * body,
+    "teacher_forward": teacher_forward,
+  }
+  parts["step"] = sum(parts.values())
+  return parts
+
+
 def train_step_flops(config) -> dict[str, float]:
   """Matmul FLOPs of one train step per image, split into parts, and their total ('step').
 
   Args:
-    config: a pretraining config (model, crop sizes and counts, region_loss_weight).
+    config: a pretraining config (model, crop sizes and counts, region_loss_weight); an MAE config
+      (config.method 'mae') is counted by mae_step_flops.
 
   Returns:
     {'student_forward', 'student_backward', 'teacher_forward', 'step'} FLOPs per image.
   """
+  if config.get("method") == "mae":
+    return mae_step_flops(config)
   model = config.model
   arch = backbones.architecture(backbones.backbone_from_config(model))
   crops = [(config.global_crop_size, 2), (config.local_crop_size, config.num_local_crops)]

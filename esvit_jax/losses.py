@@ -1,4 +1,6 @@
-"""The EsViT objective: view-level DINO loss plus region-matching loss (docs/fidelity.md, Objective).
+"""The objectives: EsViT's view and region losses, MAE's reconstruction and attention-distillation losses.
+
+EsViT (docs/fidelity.md, Objective): view-level DINO loss plus region-matching loss.
 
 Teacher views t are the 2 global crops; student views v are all crops, globals first. Over the pairs
 v != t (18 for 2 + 8 crops), with P = softmax((teacher - c) / tau_t) and log Q = log_softmax(student / tau_s):
@@ -11,10 +13,15 @@ Every cross-entropy is one contraction over the K prototypes between all teacher
 so no gathered [B, T, K] target is ever built, and each student log_softmax is computed once for both
 teacher views. Softmaxes, losses and contractions run in float32 at full matmul precision. Everything on
 the teacher side, and the argmax matching, carries no gradient.
+
+MAE (docs/fidelity.md, MAE): the mean squared error of the predicted pixels on the masked patches only,
+against each patch normalised by its own mean and unbiased variance; D-MAE adds the mean squared error
+between the student's last-block attention logits, mixed over heads, and the frozen teacher's.
 """
 
 from collections.abc import Mapping, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -208,3 +215,71 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float)
   logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   batch_center = jnp.mean(logits.reshape(-1, logits.shape[-1]), axis=0, keepdims=True)
   return center * momentum + batch_center * (1 - momentum)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, N, p * p * C]: row-major patches, each flattened in (row, column, channel) order.
+
+  Args:
+    images: NHWC images, sides multiples of patch_size.
+    patch_size: p.
+
+  Returns:
+    The patches, as MAE's prediction targets.
+  """
+  return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=patch_size, q=patch_size)
+
+
+def normalized_pixels(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Each patch normalised by its mean and unbiased (N - 1) variance: (x - mean) / sqrt(var + eps).
+
+  Args:
+    patches: [..., P] pixel values.
+    eps: added to the variance.
+
+  Returns:
+    float32 [..., P].
+  """
+  patches = patches.astype(jnp.float32)
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = jnp.var(patches, axis=-1, keepdims=True, ddof=1)
+  return (patches - mean) / jnp.sqrt(var + eps)
+
+
+def reconstruction_loss(
+  pred: jax.Array, images: jax.Array, mask: jax.Array, patch_size: int, norm_pix: bool = True
+) -> jax.Array:
+  """MAE's loss: per-patch mean squared error, averaged over the masked patches of the batch.
+
+  Args:
+    pred: [B, N, p * p * C] predicted pixels.
+    images: [B, H, W, C] the (normalised) model input.
+    mask: [B, N], 1 where the patch was masked.
+    patch_size: p.
+    norm_pix: targets normalised per patch (normalized_pixels), as MAE and MAE-Lite train.
+
+  Returns:
+    The float32 scalar loss.
+  """
+  target = patchify(images.astype(jnp.float32), patch_size)
+  if norm_pix:
+    target = normalized_pixels(target)
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def attention_distillation_loss(
+  student_logits: jax.Array, teacher_logits: jax.Array, head_mix: jax.Array
+) -> jax.Array:
+  """D-MAE's attention loss: MSE between head-mixed student logits and the teacher's (no gradient to it).
+
+  Args:
+    student_logits: [B, H_s, T, T] pre-softmax attention logits of a student block.
+    teacher_logits: [B, H_t, T, T] those of the matching teacher block.
+    head_mix: [H_s, H_t], the learned 1 x 1 mix of student heads onto teacher heads.
+
+  Returns:
+    The float32 scalar mean over every element.
+  """
+  mixed = jnp.einsum("bsqk,st->btqk", student_logits.astype(jnp.float32), head_mix, **_EINSUM)
+  return jnp.mean(jnp.square(mixed - jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))))

@@ -78,11 +78,13 @@ def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.stateless_with_tree_map(clip)
 
 
-def _adamw(schedule: schedules.Schedules, step_offset: int) -> optax.GradientTransformation:
+def _adamw(
+  schedule: schedules.Schedules, step_offset: int, betas: tuple[float, float] = (ADAM_B1, ADAM_B2)
+) -> optax.GradientTransformation:
   return optax.adamw(
     learning_rate=lambda count: schedule.learning_rate(count + step_offset),
-    b1=ADAM_B1,
-    b2=ADAM_B2,
+    b1=betas[0],
+    b2=betas[1],
     eps=ADAM_EPS,
     weight_decay=lambda count: schedule.weight_decay(count + step_offset),
     mask=decay_mask,
@@ -94,15 +96,19 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """Clipping (skipped when config.clip_grad is 0, as in the official `if args.clip_grad`) + AdamW.
 
+  MAE (config.method 'mae') has no frozen layer and its own betas (config.adam_betas).
+
   Args:
     config: the pretraining config (lr and weight-decay schedule fields, clip_grad,
-      freeze_last_layer_epochs).
+      freeze_last_layer_epochs or adam_betas).
     steps_per_epoch: optimizer steps in one epoch.
 
   Returns:
     The optimizer, driven by the global step.
   """
   schedule = schedules.from_config(config, steps_per_epoch)
+  if config.get("method") == "mae":
+    return _adamw(schedule, 0, tuple(config.adam_betas))
   frozen_steps = config.freeze_last_layer_epochs * steps_per_epoch
   adamw = optax.partition(
     {
@@ -128,13 +134,13 @@ def restarted_at(
   Args:
     opt_state: a fresh state of make_optimizer(config, steps_per_epoch=steps_per_epoch).
     step: the global step the run continues from.
-    config: the pretraining config (freeze_last_layer_epochs).
+    config: the pretraining config (freeze_last_layer_epochs; an MAE config has none).
     steps_per_epoch: optimizer steps in one epoch.
 
   Returns:
     The optimizer state of the same structure, its schedule counts placed at `step`.
   """
-  frozen_steps = config.freeze_last_layer_epochs * steps_per_epoch
+  frozen_steps = config.get("freeze_last_layer_epochs", 0) * steps_per_epoch
 
   def schedule_count(path, leaf):
     if leaf.ndim or not jnp.issubdtype(leaf.dtype, jnp.integer):

@@ -49,6 +49,33 @@ def cosine_schedule(
   return schedule
 
 
+def warmup_cosine_schedule(
+  base_value: float, final_value: float, total_steps: int, warmup_steps: int
+) -> Schedule:
+  """MAE-Lite's per-step schedule: base * step / warmup during the warm-up (0 at step 0, base at the end),
+  then final + (base - final) / 2 * (1 + cos(pi * (step - warmup) / (total - warmup))).
+
+  Args:
+    base_value: the peak.
+    final_value: the value the cosine heads to.
+    total_steps: length of the whole schedule.
+    warmup_steps: length of the linear warm-up from 0.
+
+  Returns:
+    The schedule: step (traced or not) -> float32 value.
+  """
+  cosine_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.clip(jnp.asarray(step, jnp.float32), 0, total_steps - 1)
+    warm = base_value * step / max(warmup_steps, 1)
+    remaining = (total_steps - step) / cosine_steps  # sin^2 form, as cosine_schedule.
+    cosine = final_value + (base_value - final_value) * jnp.square(jnp.sin(0.5 * jnp.pi * remaining))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
 def epoch_warmup_schedule(
   start_value: float, final_value: float, warmup_epochs: int, steps_per_epoch: int
 ) -> Schedule:
@@ -83,8 +110,8 @@ class Schedules:
 
   learning_rate: Schedule
   weight_decay: Schedule
-  teacher_ema_rate: Schedule
-  teacher_temp: Schedule
+  teacher_ema_rate: Schedule | None = None  # EsViT only.
+  teacher_temp: Schedule | None = None  # EsViT only.
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -113,16 +140,24 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedules:
-  """The lr, weight-decay, teacher-momentum and teacher-temperature schedules of `config`.
+  """The schedules of `config`: lr and weight decay, and for EsViT teacher momentum and temperature.
+
+  MAE (config.method 'mae') keeps its weight decay constant and warms its lr up as warmup_cosine_schedule.
 
   Args:
     config: the pretraining config.
     steps_per_epoch: optimizer steps in one epoch.
 
   Returns:
-    The four schedules.
+    The schedules.
   """
   steps = total_steps(config, steps_per_epoch)
+  if config.get("method") == "mae":
+    warmup = config.warmup_epochs * steps_per_epoch
+    return Schedules(
+      learning_rate=warmup_cosine_schedule(peak_learning_rate(config), config.min_lr, steps, warmup),
+      weight_decay=lambda step: jnp.full((), config.weight_decay, jnp.float32),
+    )
   return Schedules(
     learning_rate=cosine_schedule(
       peak_learning_rate(config), config.min_lr, steps, warmup_steps=config.warmup_epochs * steps_per_epoch

@@ -91,6 +91,7 @@ class Pretraining:
     """
     self.config, self.mesh = config, mesh
     self.model = build_model(config)
+    self.backbone = self.model.backbone  # What the k-NN monitor and the export run (train=False).
     self.tx = optim.make_optimizer(config, steps_per_epoch=steps_per_epoch)
     self.schedule = schedules.from_config(config, steps_per_epoch)
     shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0))
@@ -104,6 +105,17 @@ class Pretraining:
     self.abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
     )
+
+  def backbone_params(self, state: TrainState) -> Any:
+    """The teacher's backbone params: what the k-NN monitor evaluates and the export holds.
+
+    Args:
+      state: a train state.
+
+    Returns:
+      The backbone params of the teacher.
+    """
+    return state.teacher_params["backbone"]
 
   def _init(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)

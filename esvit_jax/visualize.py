@@ -2,7 +2,8 @@
 
     python -m esvit_jax.visualize --pretrained EXPORT --image IMG --out DIR
 
-or, in a notebook:
+(EXPORT may also be a pretraining workdir; an MAE workdir gives MAE's reconstruction figure instead, drawn
+by esvit_jax/mae_figure.py) or, in a notebook:
 
     model, params = esvit_jax.export.load_backbone(path)
     image = visualize.load_image("cat.jpg", model.image_size)
@@ -63,6 +64,19 @@ def load_image(path: str | epath.PathLike, size: int) -> np.ndarray:
       image = Image.open(f).convert("RGB")
     except UnidentifiedImageError as e:
       raise errors.UserError(f"{path} is not an image that Pillow reads.") from e
+  return fit_image(image, size)
+
+
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+  """An RGB image as uint8 [size, size, 3]: shorter side resized to `size` (bicubic), then centre-cropped.
+
+  Args:
+    image: an RGB Pillow image.
+    size: the output side.
+
+  Returns:
+    uint8 [size, size, 3].
+  """
   scale = size / min(image.size)
   width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
   image = image.resize((width, height), Image.Resampling.BICUBIC)
@@ -474,7 +488,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv: the arguments after the program name (default: sys.argv[1:]).
   """
   parser = argparse.ArgumentParser(prog="python -m esvit_jax.visualize", description=__doc__.split("\n")[0])
-  parser.add_argument("--pretrained", required=True, help="an export directory (model.json + params/)")
+  parser.add_argument(
+    "--pretrained",
+    required=True,
+    help="an export directory (model.json + params/) or a pretraining workdir; an MAE workdir gives "
+    "MAE's reconstruction figure instead (esvit_jax/mae_figure.py)",
+  )
   parser.add_argument("--image", required=True, help="the image to analyse (any format Pillow reads)")
   parser.add_argument("--out", required=True, help="directory for the PNGs")
   parser.add_argument(
@@ -488,9 +507,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--threshold", type=float, default=0.6, help="attention mass kept bright (default 0.6)")
   parser.add_argument("--top-k", type=int, default=10, help="matched region pairs to draw (default 10)")
   parser.add_argument("--size", type=int, help="input resolution (default: the model's, 224)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the colour jitter of the second view")
+  parser.add_argument(
+    "--seed", type=int, default=0, help="seed of the second view's colour jitter (MAE: of the mask)"
+  )
   args = parser.parse_args(argv)
-  model, params = export.load_backbone(args.pretrained)
+  from esvit_jax import mae_figure  # pylint: disable=g-import-not-at-top  # It imports this module.
+
+  if mae_figure.is_mae_workdir(args.pretrained):
+    image = load_image(args.image, mae_figure.load_config(args.pretrained).crop_size)
+    path = epath.Path(args.out) / "reconstruction.png"
+    mae_figure.save_reconstructions(args.pretrained, image[None], path, seed=args.seed)
+    print(f"Wrote {path}: the image, masked, reconstructed, and reconstructed with the visible patches.")
+    return
+  model, params = export.load_pretrained(args.pretrained)
   image = load_image(args.image, args.size or model.image_size)
   result = visualize(
     model,

@@ -1,5 +1,5 @@
-"""The accelerator check runs end to end (here on the CPU, on the tiny config) and writes its JSON, also on a
-machine like the accelerator hosts: no TensorFlow, no tensorflow-datasets, no clu."""
+"""The accelerator check runs end to end (here on the CPU, on the tiny EsViT and MAE configs) and writes its
+JSON, also on a machine like the accelerator hosts: no TensorFlow, no tensorflow-datasets, no clu."""
 
 import json
 import os
@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+
+from esvit_jax import flops
+from tests.configs import mae_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CHECK = [
@@ -36,9 +39,10 @@ sys.meta_path.insert(0, RefuseAbsent())
 """
 
 
-def run_check(out_dir, env=None) -> tuple[subprocess.CompletedProcess, dict]:
+def run_check(out_dir, env=None, config="tests/configs/tiny.py") -> tuple[subprocess.CompletedProcess, dict]:
   """Runs the tiny check on the session's 8 CPU devices (tests/conftest.py); returns it and its JSON."""
   cmd = [sys.executable, *TINY_CHECK, f"--out_dir={out_dir}"]
+  cmd[cmd.index("--config=tests/configs/tiny.py")] = f"--config={config}"
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   [name] = os.listdir(out_dir)
@@ -67,6 +71,19 @@ def test_accelerator_check_prints_its_table_and_writes_the_json(tmp_path):
   assert_step_rows(done, report)
   assert report["host_pipeline"] == "measured" and report["host_ms_per_img"] > 0
   assert all(row["host_ms_per_img"] == report["host_ms_per_img"] for row in report["rows"])
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_the_mae_step_and_the_cores_that_would_feed_it(tmp_path):
+  done, report = run_check(tmp_path, config="tests/configs/mae_tiny.py")
+  assert_step_rows(done, report)
+  assert "MAE vit_tiny patch 4, one 32 px crop, 16 of 64 patches visible" in done.stdout
+  assert report["config"]["method"] == "mae" and report["host_ms_per_img"] > 0
+  analytic = flops.mae_step_flops(mae_tiny.get_config())["step"] / 1e9
+  for row in report["rows"]:
+    assert row["analytic_gflop_per_img"] == pytest.approx(analytic)
+    # Host CPU ms per image x images/s: the cores busy decoding at the measured step rate.
+    assert row["cores_to_feed"] == pytest.approx(report["host_ms_per_img"] * row["train_img_s"] / 1000)
 
 
 @pytest.mark.slow

@@ -2,9 +2,12 @@
 
 import ast
 import os
+import subprocess
+import sys
 
 from ml_collections.config_flags import config_flags as config_file
 import numpy as np
+from PIL import Image
 import pytest
 
 from esvit_jax import demo, errors, writers
@@ -119,3 +122,18 @@ def test_demo_loads_its_config_by_path_and_never_imports_the_configs_package():
   for task in ("pretrain", "knn", "linear_probe"):
     config = config_file.ConfigFileFlagParser("c").parse(f"{demo.DEFAULT_CONFIG}:task={task}")
     assert config.task == task and config.eval_split == "test"
+
+
+@pytest.mark.slow
+def test_mae_demo_prints_its_figures_and_draws_reconstructions(tmp_path):
+  workdir = tmp_path / "demo"
+  command = [sys.executable, "-m", "esvit_jax.demo", "--config", "tests/configs/mae_tiny.py"]
+  command += ["--config.eval_every_steps=6", f"--workdir={workdir}"]
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "MAE demo: a ViT (embed 32, depth 2, 4 heads)" in done.stdout
+  for line in ("the network at initialisation:", "the pretrained encoder:", "Linear probe on the CLS token"):
+    assert line in done.stdout, line
+  figure = workdir / "reconstruction.png"
+  assert f"Reconstructions of 8 test images: {figure}" in done.stdout
+  assert Image.open(figure).size == (4 * 32 + 3 * 2, 8 * 32 + 7 * 2)

@@ -70,6 +70,8 @@ class NotRun:
 TRAINING = "trains for hours on ImageNet with an accelerator"
 STEP_RUN = "tests/test_flops.py runs the benchmark on tests/configs/tiny.py from the checkout's root"
 DEMO_STEP = f"minutes on a CPU (BENCHMARKS.md); {STEP_RUN}"
+MAE_STEP_RUN = "tests/test_flops.py runs the benchmark on tests/configs/mae_tiny.py from the checkout's root"
+MAE_CHECK_RUN = "tests/test_accelerator_check.py runs the check on tests/configs/mae_tiny.py"
 CHECKPOINT = "needs an official PyTorch checkpoint; tests/test_convert.py converts generated ones"
 
 HOW = {
@@ -105,6 +107,36 @@ HOW = {
   "make clean": NotRun("deletes the environment the suite runs in"),
   "python -m esvit_jax.demo --workdir demo_workdir": ParseOnly(
     "six minutes of training; tests/test_demo.py runs the demo on a tiny config"
+  ),
+  # README.md and esvit_jax/configs/: MAE.
+  "python main.py --config configs/mae_tiny.py --workdir DIR": ParseOnly(TRAINING),
+  "python main.py --config configs/mae_small.py --workdir DIR": ParseOnly(TRAINING),
+  "python main.py --config configs/mae_base.py --workdir DIR": ParseOnly(TRAINING),
+  "python main.py --config configs/mae_tiny_distill.py --config.distill.teacher=TEACHER "
+  "--workdir DIR": ParseOnly(
+    f"{TRAINING} and an MAE ViT-B teacher; tests/test_mae_train.py distils from a generated one"
+  ),
+  "python -m esvit_jax.demo --config configs/mae_demo.py --workdir demo_workdir_mae": ParseOnly(
+    "minutes of training; tests/test_demo.py runs the MAE demo on a tiny config"
+  ),
+  "python main.py --config configs/mae_demo.py --workdir demo_workdir_mae/pretrain": ParseOnly(
+    "minutes of training; tests/test_mae_train.py runs MAE pretraining end to end"
+  ),
+  "python main.py --config configs/mae_demo.py:task=knn --config.pretrained=demo_workdir_mae/pretrain "
+  "--workdir demo_workdir_mae/knn": ParseOnly(
+    "needs the pretraining above; tests/test_demo.py runs the MAE demo"
+  ),
+  "python -m esvit_jax.convert from-torch mae_pretrain_vit_base.pth TEACHER "
+  "--config configs/mae_base.py": ParseOnly(
+    "needs an official MAE checkpoint; tests/test_convert_mae.py converts generated ones"
+  ),
+  "python -m esvit_jax.convert from-torch mae_tiny_400e.pth.tar exports/mae_tiny "
+  "--config configs/mae_tiny.py": ParseOnly(
+    "needs an official MAE-Lite checkpoint; tests/test_convert_mae.py converts generated ones"
+  ),
+  "python -m esvit_jax.convert from-torch mae_tiny_400e.pth.tar workdirs/mae_tiny --full "
+  "--config configs/mae_tiny.py": ParseOnly(
+    "needs an official MAE-Lite checkpoint; tests/test_convert_mae.py converts and continues a generated one"
   ),
   # README.md: Pretraining.
   "python main.py --config configs/swin_t.py --workdir DIR": ParseOnly(TRAINING),
@@ -248,6 +280,23 @@ HOW = {
   ),
   "python benchmarks/train_step.py --config tests/configs/tiny.py --per_device_batch 2 --steps 3": ParseOnly(
     f"a minute; {STEP_RUN}"
+  ),
+  # benchmarks/ and BENCHMARKS.md: MAE.
+  "python benchmarks/train_step.py --config configs/mae_tiny.py --per_device_batch 256": ParseOnly(
+    f"MAE-Tiny at batch 256 needs an accelerator; {MAE_STEP_RUN}"
+  ),
+  "python benchmarks/train_step.py --config configs/mae_base.py --per_device_batch 128": ParseOnly(
+    f"MAE-Base at batch 128 needs an accelerator; {MAE_STEP_RUN}"
+  ),
+  "python benchmarks/accelerator_check.py --config=configs/mae_tiny.py "
+  "--per_device_batches=256,512": ParseOnly(f"MAE-Tiny in bf16 needs an accelerator; {MAE_CHECK_RUN}"),
+  "python benchmarks/train_step.py --config configs/mae_tiny.py --config.compute_dtype=float32 "
+  "--per_device_batch 4 --steps 3 --warmup 1 --inference_batch 8 --pipeline_batches 0": ParseOnly(
+    f"a minute and a half on a CPU (BENCHMARKS.md); {MAE_STEP_RUN}"
+  ),
+  "python benchmarks/accelerator_check.py --config=configs/mae_tiny.py --config.compute_dtype=float32 "
+  "--per_device_batches=4 --steps=3 --warmup=1 --host_batches=8 --out_dir=/tmp/mae_check": ParseOnly(
+    f"a minute and a half on a CPU (BENCHMARKS.md); {MAE_CHECK_RUN}"
   ),
   "python benchmarks/faults.py --kills 3 --steps 4": ParseOnly("a minute; tests/test_faults.py runs it"),
 }

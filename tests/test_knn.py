@@ -12,6 +12,7 @@ from esvit_jax import errors, tasks, train_step
 from esvit_jax.configs import knn as knn_config
 from esvit_jax.configs import linear_probe as linear_config
 from esvit_jax.evaluate import knn, linear
+from esvit_jax.models import vit
 from tests.configs import tiny
 
 NUM_CLASSES = 6
@@ -106,6 +107,21 @@ def test_knn_features_are_the_l2_normalised_pooled_backbone_features():
   error = np.abs(features - pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)).max()
   print("pooled_features - numpy L2-normalised pooled features:", error)
   assert error < 5e-7  # Measured: 1.5e-7.
+
+
+def test_mean_patch_knn_features_are_the_l2_normalised_mean_of_the_patch_tokens():
+  """features='mean_patch' (MAE's global pool) averages a ViT's final-norm patch tokens, not its CLS."""
+  backbone = vit.VisionTransformer(embed_dim=32, depth=2, num_heads=4, patch_size=8, image_size=32)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  params = jax.jit(backbone.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  normalised = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  regions = np.asarray(jax.jit(backbone.apply)({"params": params}, jnp.asarray(normalised, jnp.float32))[1])
+  mean = regions.astype(np.float64).mean(axis=1)
+  features = jax.jit(lambda x: knn.pooled_features(backbone, params, x, jnp.float32, "mean_patch"))(images)
+  error = np.abs(features - mean / np.linalg.norm(mean, axis=-1, keepdims=True)).max()
+  assert error < 5e-7
+  with pytest.raises(errors.UserError, match="mean_patch"):
+    knn.pooled_features(backbone, params, images, jnp.float32, "patches")
 
 
 def lower_evaluation(config, workdir) -> list[str]:

@@ -39,8 +39,8 @@ class TorchAttention(nn.Module):
   def forward(self, x):
     b, n, c = x.shape
     q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-    attention = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
-    return self.proj((attention @ v).transpose(1, 2).reshape(b, n, c))
+    self.logits = q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5  # Before the softmax (MAE-Lite's).
+    return self.proj((self.logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
 
 
 class TorchBlock(nn.Module):

@@ -26,6 +26,9 @@ def get_config(arg: str | None = None):
   config.eval_batch_size = 256
   config.ks = (10, 20, 100, 200)
   config.temperature = 0.07
+  # 'pooled': the backbone's pooled feature (a ViT's CLS token, a Swin's mean token); 'mean_patch': the mean
+  # of the final-norm patch tokens (MAE's global pool).
+  config.features = "pooled"
   config.compute_dtype = "float32"
   # Every matmul of the evaluation (features, similarities, probe) in full float32, as the official
   # code, whatever the accelerator's default (TF32 on GPUs, one bfloat16 pass on TPUs).

@@ -1,11 +1,11 @@
-"""DINO's multi-crop augmentation on the accelerator, inside the jitted train step.
+"""DINO's multi-crop and MAE's single crop on the accelerator, inside the jitted train step.
 
 The host only decodes: each example arrives as a uint8 canvas [S, S, 3] holding the image in its top-left
 [:h, :w] corner. Here, per example, come the crop boxes (torchvision RandomResizedCrop), the resized crops
-(PIL's antialiased bicubic as two matmuls per crop), flip, colour jitter in random order, grayscale, PIL's
-Gaussian blur, solarization and the ImageNet normalisation. The ops reproduce what PIL does to an 8-bit
-image, as the host ops of data/augment.py do (the reference they are tested against): pixels travel as
-float32 holding whole numbers in [0, 255] and each op rounds as PIL's C code does.
+(PIL's antialiased bicubic or bilinear as two matmuls per crop), flip, colour jitter in random order,
+grayscale, PIL's Gaussian blur, solarization and the ImageNet normalisation. The ops reproduce what PIL
+does to an 8-bit image, as the host ops of data/augment.py do (the reference they are tested against):
+pixels travel as float32 holding whole numbers in [0, 255] and each op rounds as PIL's C code does.
 
 Randomness comes from a key of (config.seed, the example's position in the global input stream), and
 everything is vmapped over the batch: an example's crops do not depend on the batch it is in, on the
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from esvit_jax import errors
 from esvit_jax.data import constants
 from esvit_jax.data.normalize import normalize_images
 
@@ -191,7 +192,7 @@ def sample_photometric(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resized crop: PIL's antialiased bicubic as two matmuls.
+# Resized crop: PIL's antialiased bicubic or bilinear as two matmuls.
 
 
 def _bicubic(x: jax.Array) -> jax.Array:
@@ -203,23 +204,9 @@ def _bicubic(x: jax.Array) -> jax.Array:
   return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
 
 
-def resize_weights(start: jax.Array, length: jax.Array, out_size: int, in_size: int) -> jax.Array:
-  """PIL's resampling weights of one axis of a resized crop, float32 [out_size, in_size].
-
-  Row i holds output pixel i's weights over the canvas: the bicubic kernel centred at
-  start + (i + 0.5) * length / out_size, widened by the scale when shrinking, cut at the crop's border
-  [start, start + length) (PIL crops first, then resizes), normalised to sum 1 and rounded to PIL's
-  22-bit fixed point.
-
-  Args:
-    start: int32 scalar, the crop's first pixel along this axis.
-    length: int32 scalar, the crop's extent along this axis.
-    out_size: the output length.
-    in_size: the canvas length along this axis.
-
-  Returns:
-    float32 [out_size, in_size], zero outside the crop.
-  """
+def _bicubic_weights(start: jax.Array, length: jax.Array, out_size: int, in_size: int) -> jax.Array:
+  """resize_weights for BICUBIC, in float32: a weight can be a unit of the fixed point off PIL's where
+  PIL's double lands within float32's error of a rounding boundary (rare for this kernel)."""
   length = jnp.asarray(length, jnp.float32)
   scale = length / out_size
   filter_scale = jnp.maximum(scale, 1.0)
@@ -232,13 +219,93 @@ def resize_weights(start: jax.Array, length: jax.Array, out_size: int, in_size: 
   return jnp.sign(w) * jnp.floor(jnp.abs(w) * one + 0.5) / one
 
 
-def resized_crops(canvas: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
-  """torchvision F.resized_crop (PIL, bicubic) of each box of one canvas.
+def _bilinear_weights(start: jax.Array, length: jax.Array, out_size: int, in_size: int) -> jax.Array:
+  """resize_weights for BILINEAR, exact: its weights often sit a hair from a rounding boundary, where
+  float32 would miss PIL's rounding, so they are computed in integers.
+
+  PIL's triangle 1 - |x| at x = ((2j + 1) out - (2i + 1) length) / (2F), F = max(length, out), makes
+  tap j of output i weigh N = max(2F - |(2j + 1) out - (2i + 1) length|, 0) over the row's sum D of N:
+  2^22 N / D rounded half up (PIL's double gets this exactly: D is far below 2^23), here by binary long
+  division in int32.
+  """
+  j = jnp.arange(in_size) - start
+  i = jnp.arange(out_size)
+  reach = 2 * jnp.maximum(length, out_size)
+  num = jnp.maximum(reach - jnp.abs((2 * j[None, :] + 1) * out_size - (2 * i[:, None] + 1) * length), 0)
+  num = jnp.where((j >= 0) & (j < length), num, 0)
+  den = jnp.sum(num, axis=1, keepdims=True)
+
+  def next_bit(_, qr):
+    q, r = qr
+    r = 2 * r
+    bit = r >= den
+    return 2 * q + bit, r - jnp.where(bit, den, 0)
+
+  q, r = jax.lax.fori_loop(0, _WEIGHT_BITS, next_bit, (jnp.zeros_like(num), num))
+  return (q + (2 * r >= den)).astype(jnp.float32) / 2.0**_WEIGHT_BITS
+
+
+def resize_weights(
+  start: jax.Array, length: jax.Array, out_size: int, in_size: int, bilinear: jax.Array | bool = False
+) -> jax.Array:
+  """PIL's resampling weights of one axis of a resized crop, float32 [out_size, in_size].
+
+  Row i holds output pixel i's weights over the canvas: the bicubic (or bilinear) kernel centred at
+  start + (i + 0.5) * length / out_size, widened by the scale when shrinking, cut at the crop's border
+  [start, start + length) (PIL crops first, then resizes), normalised to sum 1 and rounded to PIL's
+  22-bit fixed point.
+
+  Args:
+    start: int32 scalar, the crop's first pixel along this axis.
+    length: int32 scalar, the crop's extent along this axis.
+    out_size: the output length.
+    in_size: the canvas length along this axis.
+    bilinear: bool scalar, PIL's BILINEAR kernel instead of BICUBIC; an array is traced, so one program
+      serves both.
+
+  Returns:
+    float32 [out_size, in_size], zero outside the crop.
+  """
+  bicubic = _bicubic_weights(start, length, out_size, in_size)
+  if isinstance(bilinear, bool) and not bilinear:
+    return bicubic  # DINO's crops: no bilinear weights in the program.
+  return jnp.where(bilinear, _bilinear_weights(start, length, out_size, in_size), bicubic)
+
+
+def _fixed_point_pass(subscripts: str, weights: jax.Array, x: jax.Array) -> jax.Array:
+  """One resampling pass in PIL's integer arithmetic, exactly: sum(pixel * c) + 2^21 >> 22, clipped.
+
+  Each 22-bit weight c splits into parts exact in bf16, c = 2^14 hi + 2^7 mid + lo (hi within +-256, mid
+  and lo in [0, 128)); a bf16 matmul of each part with the 8-bit pixels, summed in float32, is exact (every
+  product and partial sum is an integer below 2^24 while a window has fewer than 518 taps), and the three
+  sums combine in int32. Three single passes: cheaper on TPUs than one float32 matmul at HIGHEST.
+  """
+  c = jnp.round(weights * 2.0**_WEIGHT_BITS).astype(jnp.int32)
+  pixels = x.astype(jnp.bfloat16)
+  hi, mid, lo = (
+    jnp.einsum(subscripts, part.astype(jnp.bfloat16), pixels, preferred_element_type=jnp.float32).astype(
+      jnp.int32
+    )
+    for part in (c >> 14, (c >> 7) & 127, c & 127)
+  )
+  total = (hi << 14) + (mid << 7) + lo
+  return jnp.clip((total + (1 << (_WEIGHT_BITS - 1))) >> _WEIGHT_BITS, 0, 255).astype(jnp.float32)
+
+
+def resized_crops(
+  canvas: jax.Array, boxes: jax.Array, size: int, bilinear: jax.Array | bool = False
+) -> jax.Array:
+  """torchvision F.resized_crop (PIL, bicubic or bilinear) of each box of one canvas.
 
   Args:
     canvas: [S, S, 3] pixels (uint8 or whole-number floats).
     boxes: int32 [n, 4] rows (top, left, h, w).
     size: the output side.
+    bilinear: PIL's BILINEAR instead of BICUBIC, per box (bool [n] or a scalar). The Python False (DINO's
+      crops) keeps the bicubic program of float32 matmuls; any other value chooses the kernel per crop in
+      one program whose passes are exact integer sums (_fixed_point_pass), as bilinear needs: its sums sit
+      exactly on or a few fixed-point units from a rounding boundary often enough (a few values in a
+      thousand) for float32 to round them the other way.
 
   Returns:
     Pixel floats [n, size, size, 3]: the width pass then the height pass, each rounded to 8 bits, as PIL
@@ -246,9 +313,14 @@ def resized_crops(canvas: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
     crop shrinks much more in height than in width, which moves values by about a level in those crops.
   """
   x = canvas.astype(jnp.float32)
-  weights = jax.vmap(resize_weights, (0, 0, None, None))
-  w_rows = weights(boxes[:, 0], boxes[:, 2], size, x.shape[0])  # [n, size, S]
-  w_cols = weights(boxes[:, 1], boxes[:, 3], size, x.shape[1])
+  static = isinstance(bilinear, bool) and not bilinear
+  weights = jax.vmap(resize_weights, (0, 0, None, None, None if static else 0))
+  bilinear = bilinear if static else jnp.broadcast_to(bilinear, boxes.shape[:1])
+  w_rows = weights(boxes[:, 0], boxes[:, 2], size, x.shape[0], bilinear)  # [n, size, S]
+  w_cols = weights(boxes[:, 1], boxes[:, 3], size, x.shape[1], bilinear)
+  if not static:
+    tmp = _fixed_point_pass("nix,yxc->nyic", w_cols, x)
+    return _fixed_point_pass("njy,nyic->njic", w_rows, tmp)
   tmp = _round8(jnp.einsum("nix,yxc->nyic", w_cols, x, precision=_HIGHEST))
   return _round8(jnp.einsum("njy,nyic->njic", w_rows, tmp, precision=_HIGHEST))
 
@@ -602,3 +674,50 @@ def multicrop(
 
   views = jax.vmap(one)(canvas, image_size, positions)
   return {k: normalize_images(v, dtype) for k, v in views.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# MAE's single crop.
+
+# Probability of PIL's BILINEAR per interpolation name; the rest of the crops are BICUBIC. "random" is
+# timm's per-image choice between the two (MAE-Lite), "bicubic" the original MAE's.
+_BILINEAR_PROB = {"random": 0.5, "bicubic": 0.0, "bilinear": 1.0}
+MAE_INTERPOLATIONS = tuple(_BILINEAR_PROB)  # The values config.interpolation accepts.
+
+
+def mae_crops(
+  canvas: jax.Array, image_size: jax.Array, positions: jax.Array, config: ml_collections.ConfigDict, dtype
+) -> jax.Array:
+  """MAE's RandomResizedCrop (timm's interpolation choice) and horizontal flip on a batch of canvases.
+
+  Args:
+    canvas: uint8 [B, S, S, 3], each image in its top-left [:h, :w] corner.
+    image_size: int32 [B, 2], each image's (h, w).
+    positions: int32 [B], each example's position in the global input stream: its randomness is a key of
+      (config.seed, position).
+    config: crop_size (the output side), crop_scale (RandomResizedCrop's (min, max) area fraction),
+      interpolation ('random': bilinear or bicubic with p 0.5 each, per image; 'bicubic'; 'bilinear'),
+      seed.
+    dtype: the output dtype.
+
+  Returns:
+    [B, crop_size, crop_size, 3], ImageNet-normalised in dtype; each crop flipped with p 0.5.
+
+  Raises:
+    errors.UserError: config.interpolation is none of the three.
+  """
+  if config.interpolation not in _BILINEAR_PROB:
+    raise errors.UserError(
+      f"config.interpolation is {config.interpolation!r}; use one of {', '.join(map(repr, _BILINEAR_PROB))}."
+    )
+  probs = (_BILINEAR_PROB[config.interpolation], constants.FLIP_PROB)
+  base = jax.random.key(config.seed)
+
+  def one(canvas, image_size, position):
+    key_box, key_choice = jax.random.split(jax.random.fold_in(base, position))
+    boxes = sample_crop_boxes(key_box, image_size[0], image_size[1], 1, config.crop_scale)
+    bilinear, flip = _bernoulli(jax.random.uniform(key_choice, (2,)), probs)
+    crop = resized_crops(canvas, boxes, config.crop_size, bilinear)[0]
+    return jnp.where(flip, pix.flip_left_right(crop), crop)
+
+  return normalize_images(jax.vmap(one)(canvas, image_size, positions), dtype)

@@ -22,20 +22,27 @@ from esvit_jax.evaluate import results as results_lib
 Batch = Mapping[str, np.ndarray]
 
 
-def pooled_features(backbone, params, images: jax.Array, dtype) -> jax.Array:
-  """The k-NN feature: the backbone's pooled final-norm feature of uint8 images, L2-normalised, float32.
+FEATURES = ("pooled", "mean_patch")  # config.features of the k-NN: what is compared.
+
+
+def pooled_features(backbone, params, images: jax.Array, dtype, features: str = "pooled") -> jax.Array:
+  """The k-NN feature of uint8 images, L2-normalised, float32.
 
   Args:
     backbone: the Swin or ViT backbone module.
     params: its parameters.
     images: uint8 [B, H, W, 3].
     dtype: the compute dtype the images are normalised to.
+    features: 'pooled', the backbone's pooled final-norm feature (a ViT's CLS token, a Swin's mean
+      token), or 'mean_patch', the mean of its final-norm patch tokens (MAE's global pool).
 
   Returns:
     float32 [B, D], L2-normalised rows.
   """
-  pooled, _ = backbone.apply({"params": params}, normalize.normalize_images(images, dtype), train=False)
-  pooled = pooled.astype(jnp.float32)
+  if features not in FEATURES:
+    raise errors.UserError(f"k-NN features {features!r} are unknown; use one of {FEATURES}.")
+  pooled, regions = backbone.apply({"params": params}, normalize.normalize_images(images, dtype), train=False)
+  pooled = (pooled if features == "pooled" else regions.mean(axis=1)).astype(jnp.float32)
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 
@@ -323,7 +330,7 @@ def run(config, workdir: str) -> dict[str, float]:
     f"{type(model).__name__} from {config.pretrained}; {source.describe()}: {num_train:,} "
     f"{config.train_split} images as the memory bank, {num_test:,} {config.eval_split} images as queries"
   )
-  features = jax.jit(lambda images: pooled_features(model, params, images, dtype))
+  features = jax.jit(lambda images: pooled_features(model, params, images, dtype, config.features))
   metrics = evaluate_split_pair(
     features,
     config,

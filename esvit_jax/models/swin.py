@@ -173,13 +173,14 @@ class WindowAttention(nn.Module):
 class Mlp(nn.Module):
   hidden_dim: int
   dtype: Any = jnp.float32
+  kernel_init: nn.initializers.Initializer = dense_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=self.kernel_init, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=self.kernel_init, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -238,6 +239,7 @@ class PatchEmbed(nn.Module):
   patch_size: int
   dtype: Any = jnp.float32
   norm: bool = True
+  kernel_init: nn.initializers.Initializer = torch_default_kernel_init
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -248,7 +250,7 @@ class PatchEmbed(nn.Module):
       strides=(p, p),
       padding="VALID",
       dtype=self.dtype,
-      kernel_init=torch_default_kernel_init,
+      kernel_init=self.kernel_init,
       bias_init=torch_default_bias_init(images.shape[-1] * p * p),
       name="proj",
     )(images)

@@ -8,6 +8,11 @@ What the official ViT does, reproduced here:
   `F.interpolate(scale_factor=sqrt(new patches / old patches))`, whose cubic coefficient is -0.75 and whose
   source coordinates use that scale factor, not the ratio of the grid sizes; the CLS position is kept.
 - Outputs for EsViT: the final-norm CLS token is the view feature, the final-norm patch tokens the regions.
+
+As MAE's encoder (models/mae.py), the same network takes `weight_init="xavier"` (xavier-uniform Dense
+layers with the fused qkv as one matrix, the patch convolution xavier-uniform on its flattened
+[C, p * p * 3] view, CLS normal 0.02), `fixed_pos_embed=True` (a 2-D sin-cos table that is a constant, not a
+parameter) and the indices of the patch tokens it keeps.
 """
 
 import math
@@ -27,6 +32,49 @@ VARIANTS = {
   "vit_base": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, drop_path_rate=0.1),
 }
 CUBIC_COEFFICIENT = -0.75  # torch's bicubic; PIL and jax.image use -0.5.
+# Initialisation schemes: name -> (Dense kernel init, patch convolution kernel init, CLS token init).
+WEIGHT_INITS = {
+  "normal": (swin.dense_init, swin.torch_default_kernel_init, swin.dense_init),  # DINO / EsViT.
+  "xavier": (  # MAE: torch's xavier_uniform on Linear weights and on the [C, p * p * 3] patch kernel.
+    nn.initializers.xavier_uniform(),
+    nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+    nn.initializers.normal(stddev=0.02),
+  ),
+}
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """MAE's 1-D sin-cos code: sin(p w_k) in the first dim / 2 channels, cos(p w_k) in the rest, with
+  frequencies w_k = 10000^(-k / (dim / 2)), k = 0 .. dim / 2 - 1.
+
+  Args:
+    dim: the code's width, even.
+    positions: any array of positions (flattened).
+
+  Returns:
+    float64 numpy [positions.size, dim].
+  """
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  angles = positions.reshape(-1)[:, None].astype(np.float64) * omega[None, :]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos position table of a grid_size x grid_size patch grid, with a CLS row of zeros.
+
+  Patch tokens are row-major; the first dim / 2 channels encode the column (x), the last dim / 2 the row
+  (y), each as sincos_1d.
+
+  Args:
+    dim: the embedding width, a multiple of 4.
+    grid_size: patches per side.
+
+  Returns:
+    float32 numpy [1 + grid_size^2, dim].
+  """
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+  table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  return np.concatenate([np.zeros((1, dim)), table], axis=0).astype(np.float32)
 
 
 def _cubic_weights(t: np.ndarray, a: float = CUBIC_COEFFICIENT) -> np.ndarray:
@@ -90,23 +138,29 @@ def interpolate_pos_embed(pos_embed: jax.Array, num_patches: int) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Global multi-head self-attention over the CLS and patch tokens."""
+  """Global multi-head self-attention over the CLS and patch tokens.
+
+  Sows (collection 'intermediates') the scaled logits q k^T / sqrt(d_h) before the softmax as
+  'attention_logits' (what MAE-Lite's attention distillation matches) and the softmax as 'attention'.
+  """
 
   dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  kernel_init: nn.initializers.Initializer = swin.dense_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, _ = x.shape
-    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=swin.dense_init, name="qkv")(x)
+    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=self.kernel_init, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, -1), 2, 0)
     q = q * (self.dim // self.num_heads) ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    self.sow("intermediates", "attention_logits", logits)
     attention = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "attention", attention)
     out = jnp.einsum("bhqk,bkhd->bqhd", attention.astype(self.dtype), v).reshape(b, n, self.dim)
-    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=swin.dense_init, name="proj")(out)
+    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=self.kernel_init, name="proj")(out)
 
 
 class Block(nn.Module):
@@ -116,14 +170,17 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  kernel_init: nn.initializers.Initializer = swin.dense_init
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
     drop_path = swin.DropPath(self.drop_path)
-    y = Attention(dim, self.num_heads, self.dtype, name="attn")(swin.LayerNorm(name="norm1")(x))
+    attention = Attention(dim, self.num_heads, self.dtype, self.kernel_init, name="attn")
+    y = attention(swin.LayerNorm(name="norm1")(x))
     x = x + drop_path(y.astype(jnp.float32), deterministic=not train)
-    y = swin.Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(swin.LayerNorm(name="norm2")(x))
+    mlp = swin.Mlp(int(dim * self.mlp_ratio), self.dtype, self.kernel_init, name="mlp")
+    y = mlp(swin.LayerNorm(name="norm2")(x))
     return x + drop_path(y.astype(jnp.float32), deterministic=not train)
 
 
@@ -152,6 +209,8 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.1
   remat: bool = False
   dtype: Any = jnp.float32
+  weight_init: str = "normal"  # A key of WEIGHT_INITS.
+  fixed_pos_embed: bool = False  # MAE pretraining: the sin-cos table of the input's grid, not a parameter.
 
   @property
   def num_features(self) -> int:
@@ -167,20 +226,32 @@ class VisionTransformer(nn.Module):
       raise errors.UserError(
         f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
       )
-    self.patch_embed = swin.PatchEmbed(self.embed_dim, self.patch_size, self.dtype, norm=False)
-    self.cls_token = self.param("cls_token", swin.dense_init, (1, 1, self.embed_dim))
-    num_patches = (self.image_size // self.patch_size) ** 2
-    self.pos_embed = self.param("pos_embed", swin.dense_init, (1, 1 + num_patches, self.embed_dim))
+    if self.weight_init not in WEIGHT_INITS:
+      raise errors.UserError(f"weight_init={self.weight_init!r}; use one of {sorted(WEIGHT_INITS)}.")
+    dense_init, patch_init, token_init = WEIGHT_INITS[self.weight_init]
+    self.patch_embed = swin.PatchEmbed(
+      self.embed_dim, self.patch_size, self.dtype, norm=False, kernel_init=patch_init
+    )
+    self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
+    if not self.fixed_pos_embed:
+      num_patches = (self.image_size // self.patch_size) ** 2
+      self.pos_embed = self.param("pos_embed", swin.dense_init, (1, 1 + num_patches, self.embed_dim))
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     rates = np.linspace(0, self.drop_path_rate, self.depth)
     self.blocks = [
-      block_cls(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, name=f"blocks_{i}")
+      block_cls(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, dense_init, name=f"blocks_{i}")
       for i in range(self.depth)
     ]
     self.norm = swin.LayerNorm()
 
-  def _block_outputs(self, images: jax.Array, train: bool) -> list[jax.Array]:
-    """The [B, 1 + N, C] tokens after every block (before the final norm)."""
+  def _position_table(self, num_patches: int) -> jax.Array:
+    """[1, 1 + num_patches, C]: the learned table (resampled to the grid) or the fixed sin-cos one."""
+    if self.fixed_pos_embed:
+      return jnp.asarray(sincos_pos_embed(self.embed_dim, math.isqrt(num_patches)))[None]
+    return interpolate_pos_embed(self.pos_embed, num_patches)
+
+  def _block_outputs(self, images: jax.Array, train: bool, keep: jax.Array | None = None) -> list[jax.Array]:
+    """The [B, 1 + N, C] tokens after every block (before the final norm); N = K with `keep` [B, K]."""
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] % self.patch_size:
       raise errors.UserError(
         f"Expected square NHWC images whose side is a multiple of {self.patch_size}, got "
@@ -188,16 +259,33 @@ class VisionTransformer(nn.Module):
       )
     x = self.patch_embed(images)
     x = x.reshape(x.shape[0], -1, self.embed_dim)  # Row-major patch tokens.
-    cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
-    x = jnp.concatenate([cls, x], axis=1) + interpolate_pos_embed(self.pos_embed, x.shape[1])
+    positions = self._position_table(x.shape[1])
+    x = x + positions[:, 1:]
+    if keep is not None:  # MAE: the visible patches only, a static-shape gather per image.
+      x = jnp.take_along_axis(x, keep[:, :, None], axis=1)
+    cls = jnp.broadcast_to(self.cls_token + positions[:, :1], (x.shape[0], 1, self.embed_dim))
+    x = jnp.concatenate([cls, x], axis=1)
     outputs = []
     for block in self.blocks:
       x = block(x, train)
       outputs.append(x)
     return outputs
 
-  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    tokens = self.norm(self._block_outputs(images, train)[-1])
+  def __call__(
+    self, images: jax.Array, train: bool = False, keep: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """(final-norm CLS token [B, C], final-norm patch tokens [B, N, C]).
+
+    Args:
+      images: NHWC float images, ImageNet-normalised.
+      train: drop path on (needs a 'dropout' rng).
+      keep: int32 [B, K]: only these patch tokens (row-major indices) enter the blocks, each with its
+        position embedding (MAE's visible patches); the regions are then those K tokens in that order.
+
+    Returns:
+      (pooled, regions).
+    """
+    tokens = self.norm(self._block_outputs(images, train, keep)[-1])
     return tokens[:, 0], tokens[:, 1:]
 
   def last_blocks(self, images: jax.Array, n: int = 4, avgpool: bool = False) -> jax.Array:
@@ -207,12 +295,13 @@ class VisionTransformer(nn.Module):
 
     Args:
       images: NHWC float images, ImageNet-normalised, square, side a multiple of patch_size.
-      n: number of last blocks whose CLS token is taken.
+      n: number of last blocks whose CLS token is taken (0: none, with avgpool).
       avgpool: append the mean patch token of the last block.
 
     Returns:
       [B, (n + avgpool) * embed_dim] features (evaluation mode, no drop path).
     """
-    outputs = [self.norm(x) for x in self._block_outputs(images, train=False)[-n:]]
-    features = [x[:, 0] for x in outputs] + ([outputs[-1][:, 1:].mean(axis=1)] if avgpool else [])
-    return jnp.concatenate(features, axis=-1)
+    blocks = self._block_outputs(images, train=False)
+    cls_tokens = [self.norm(x)[:, 0] for x in blocks[len(blocks) - n :]]
+    mean_patch = [self.norm(blocks[-1])[:, 1:].mean(axis=1)] if avgpool else []
+    return jnp.concatenate(cls_tokens + mean_patch, axis=-1)
