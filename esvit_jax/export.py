@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from esvit_jax import checkpointing, cli, mae_step
+from esvit_jax import checkpointing, cli
 from esvit_jax.errors import NotFoundError, UserError
-from esvit_jax.models import backbones
+from esvit_jax.models import backbones, mae
 
 FORMAT = "esvit_jax.backbone.v1"
 
@@ -150,7 +150,7 @@ def teacher_from_workdir(
   restored = restored[path[0]][path[1]]
   if is_mae:
     grid_size = model.image_size // model.patch_size
-    restored = jax.device_put(mae_step.encoder_export_params(restored, model.embed_dim, grid_size), sharding)
+    restored = jax.device_put(mae.encoder_export_params(restored, model.embed_dim, grid_size), sharding)
   return model, restored
 
 

@@ -62,20 +62,6 @@ def build_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
   )
 
 
-def encoder_export_params(encoder_params: Any, embed_dim: int, grid_size: int) -> Any:
-  """The params of the encoder as a plain ViT backbone: its own plus the sin-cos table as `pos_embed`.
-
-  Args:
-    encoder_params: params['encoder'] of the MaskedAutoencoder.
-    embed_dim: the encoder's width.
-    grid_size: patches per side at the construction resolution.
-
-  Returns:
-    The VisionTransformer params (what an export holds and the evaluations read).
-  """
-  return {**encoder_params, "pos_embed": jnp.asarray(vit.sincos_pos_embed(embed_dim, grid_size))[None]}
-
-
 def _block_logits(intermediates: Any, block: int) -> jax.Array:
   """The sown pre-softmax attention logits of the 1-based `block` of a ViT's intermediates."""
   return intermediates[f"blocks_{block - 1}"]["attn"]["attention_logits"][0]
@@ -134,7 +120,7 @@ class MaePretraining:
     """
     encoder = self.model.encoder
     grid_size = encoder.image_size // encoder.patch_size
-    return encoder_export_params(state.params["encoder"], encoder.embed_dim, grid_size)
+    return mae.encoder_export_params(state.params["encoder"], encoder.embed_dim, grid_size)
 
   def _init(self, rng: jax.Array) -> MaeTrainState:
     init_rng, state_rng = jax.random.split(rng)

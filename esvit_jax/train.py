@@ -293,5 +293,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
       curves = plot.save_curves(workdir)
       logging.info("Learning curves: %s", curves)
       if int(jax.device_get(state.step)) == total_steps:
-        console.say(f"Pretraining done: backbone in {workdir / 'export'}, learning curves in {curves}.")
+        exported = "teacher backbone" if config.method == "esvit" else "encoder"
+        console.say(f"Pretraining done: {exported} in {workdir / 'export'}, learning curves in {curves}.")
     return state

@@ -120,7 +120,7 @@ def test_tools_end_a_user_error_with_its_message_and_exit_code_2(tmp_path):
       ],
       tmp_path,
     ),
-    "is not an exported backbone",
+    "is neither an exported backbone (with model.json) nor a pretraining workdir",
   )
   assert_user_error(
     run(

@@ -80,6 +80,20 @@ def patch_mask(ids_shuffle: jax.Array, keep: int) -> jax.Array:
   return (ranks >= keep).astype(jnp.float32)
 
 
+def encoder_export_params(encoder_params: Any, embed_dim: int, grid_size: int) -> Any:
+  """The params of the encoder as a plain ViT backbone: its own plus the sin-cos table as `pos_embed`.
+
+  Args:
+    encoder_params: params['encoder'] of the MaskedAutoencoder.
+    embed_dim: the encoder's width.
+    grid_size: patches per side at the construction resolution.
+
+  Returns:
+    The VisionTransformer params (what an export holds and the evaluations read).
+  """
+  return {**encoder_params, "pos_embed": jnp.asarray(vit.sincos_pos_embed(embed_dim, grid_size))[None]}
+
+
 class MaskedAutoencoder(nn.Module):
   """MAE: images and patch rankings -> (predicted pixels [B, N, p * p * 3], mask [B, N]).
 
