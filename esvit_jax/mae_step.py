@@ -98,15 +98,12 @@ class MaePretraining:
     self.grid_size = config.crop_size // encoder.patch_size
     self.backbone = backbones.from_architecture(backbones.architecture(encoder), encoder.dtype)
     self.teacher = teacher
-    shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-    self.state_sharding = sharding.infer_shardings(
-      shapes,
+    # config.sharding is 'data' or 'fsdp'; under 'fsdp' tensors below fsdp_min_size_mb stay replicated.
+    self.state_sharding, self.abstract_state = sharding.sharded_abstract_state(
+      jax.eval_shape(self._init, jax.random.PRNGKey(0)),
       mesh,
       config.sharding,
       fsdp_min_size_mb=config.get("fsdp_min_size_mb", sharding.FSDP_MIN_SIZE_MB),
-    )
-    self.abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
     )
 
   def backbone_params(self, state: MaeTrainState) -> Any:

@@ -109,6 +109,27 @@ def infer_shardings(
   return jax.tree.map(leaf_sharding, tree)
 
 
+def sharded_abstract_state(
+  shapes: Any, mesh: Mesh, strategy: str, *, fsdp_min_size_mb: float = FSDP_MIN_SIZE_MB
+) -> tuple[Any, Any]:
+  """The shardings of a train state's leaves and the state as ShapeDtypeStructs carrying them.
+
+  Args:
+    shapes: the state's ShapeDtypeStructs (jax.eval_shape of its init).
+    mesh: the mesh of make_mesh.
+    strategy: as infer_shardings.
+    fsdp_min_size_mb: as infer_shardings.
+
+  Returns:
+    (shardings, abstract state): what jit's out_shardings and a checkpoint's restore target need.
+  """
+  shardings = infer_shardings(shapes, mesh, strategy, fsdp_min_size_mb=fsdp_min_size_mb)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+  return shardings, abstract
+
+
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """This host's slice of the batch (numpy leaves) -> global jax.Arrays split over the data axis.
 

@@ -94,16 +94,12 @@ class Pretraining:
     self.backbone = self.model.backbone  # What the k-NN monitor and the export run (train=False).
     self.tx = optim.make_optimizer(config, steps_per_epoch=steps_per_epoch)
     self.schedule = schedules.from_config(config, steps_per_epoch)
-    shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0))
     # config.sharding is 'data' or 'fsdp'; under 'fsdp' tensors below fsdp_min_size_mb stay replicated.
-    self.state_sharding = sharding.infer_shardings(
-      shapes,
+    self.state_sharding, self.abstract_state = sharding.sharded_abstract_state(
+      jax.eval_shape(self._init, jax.random.PRNGKey(0)),
       mesh,
       config.sharding,
       fsdp_min_size_mb=config.get("fsdp_min_size_mb", sharding.FSDP_MIN_SIZE_MB),
-    )
-    self.abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
     )
 
   def backbone_params(self, state: TrainState) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 from etils import epath
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from esvit_jax import checkpointing, export, optim, sharding, train_step
@@ -263,6 +264,27 @@ def _without_unit_scales(params: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def save_workdir(
+  out: epath.Path, step: int, state: Any, config: ml_collections.ConfigDict, source: Any
+) -> None:
+  """Writes a converted train state as a pretraining workdir main.py continues: its checkpoint at `step`
+  (the input position too) and config.json.
+
+  Args:
+    out: the workdir.
+    step: the state's step.
+    state: the train state of config's method.
+    config: the pretraining config.
+    source: the file it was converted from (recorded with the checkpoint).
+  """
+  checkpointer = checkpointing.Checkpointer(out)
+  meta = {"input_position": step, "config": config.to_json_best_effort(), "converted_from": str(source)}
+  checkpointer.save(step, state, meta, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
 def write_pretraining_checkpoint(
   checkpoint_path: str,
   out_dir: str,
@@ -328,16 +350,7 @@ def write_pretraining_checkpoint(
     center=centre("center"),
     region_center=centre("center_grid"),
   )
-  checkpointer = checkpointing.Checkpointer(out)
-  checkpointer.save(
-    step,
-    state,
-    {"input_position": step, "config": config.to_json_best_effort(), "converted_from": str(checkpoint_path)},
-    force=True,
-  )
-  checkpointer.wait()
-  checkpointer.close()
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  save_workdir(out, step, state, config, checkpoint_path)
   notes = [
     f"Wrote {out}: step {step} = epoch {converted.epoch or 0} x {steps_per_epoch} steps per epoch "
     f"(batch {config.batch_size}); the optimizer restarts there, its schedules at the global step."

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esvit_jax import checkpointing, export, mae_step, optim, sharding
+from esvit_jax import export, mae_step, optim, sharding
 from esvit_jax.convert.architecture import infer_vit_architecture
-from esvit_jax.convert.esvit import IMAGENET_TRAIN_EXAMPLES
+from esvit_jax.convert.esvit import IMAGENET_TRAIN_EXAMPLES, save_workdir
 from esvit_jax.convert.files import TorchCheckpoint, empty_dir, load_config, load_torch_file, select_network
 from esvit_jax.convert.layout import (
   ConversionError,
@@ -458,16 +458,7 @@ def write_pretraining_workdir(
     params={**state.params, **converted},
     opt_state=optim.restarted_at(state.opt_state, step, config, steps_per_epoch=steps_per_epoch),
   )
-  checkpointer = checkpointing.Checkpointer(out)
-  checkpointer.save(
-    step,
-    state,
-    {"input_position": step, "config": config.to_json_best_effort(), "converted_from": str(checkpoint_path)},
-    force=True,
-  )
-  checkpointer.wait()
-  checkpointer.close()
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  save_workdir(out, step, state, config, checkpoint_path)
 
   at = (
     f"step {step} = epoch {epochs} x {steps_per_epoch} steps per epoch (batch {config.batch_size})"
