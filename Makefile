@@ -2,6 +2,8 @@
 # Both create .venv on first use, install the exact pins of requirements.txt into it, and then this
 # repository itself, editable and without dependencies, so that `import esvit_jax` works from any directory
 # (the benchmarks and tools rely on it). pyproject.toml holds the compatible ranges for `pip install .`.
+# The packages are installed with their bytecode: uv skips it by default, and where PYTHONDONTWRITEBYTECODE
+# is set every process would compile TensorFlow's sources again on import (about 25 s of CPU each).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +16,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version}"'
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.txt
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.txt
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	@touch $@
 

@@ -4,6 +4,7 @@ r"""esvit-jax entry point: every host of a pod or cluster runs the same command.
   python main.py --config configs/swin_t.py:window=14 --config.batch_size=1024 --workdir DIR
   python main.py --config configs/knn.py --config.pretrained=PATH --workdir DIR
   python main.py --config configs/linear_probe.py --config.pretrained=PATH --workdir DIR
+  python main.py --config configs/finetune.py --config.pretrained=PATH --workdir DIR
 
 A user's mistake (a bad flag or config value, a missing dataset or checkpoint) ends the run with its
 message and exit code 2; any other failure is a bug and shows its traceback.

@@ -5,8 +5,9 @@ r"""`make demo`: pretrain a small network on the embedded demo dataset on this m
 
 Runs a pretraining config file (default: the package's esvit_jax/configs/demo.py; loaded like main.py loads
 one, `--config.NAME=VALUE` overrides included) through the same code as ImageNet runs: pretraining with
-the k-NN monitor on, then the k-NN evaluation and a linear probe of the exported teacher (the file's
-`task=knn` and `task=linear_probe` configs), each in its own sub-directory. It prints three k-NN top-1
+the k-NN monitor on, then the k-NN evaluation, a linear probe and a fine-tuning of the exported teacher (the
+file's `task=knn`, `task=linear_probe` and `task=finetune` configs), each in its own sub-directory, and the
+same fine-tuning of the network freshly initialised (`finetune_random`). It prints three k-NN top-1
 figures computed by the same code on the same split with the same k: raw pixels, the network at
 initialisation and the pretrained backbone (EsViT's teacher, MAE's encoder); for MAE it also draws the
 reconstructions of a few test images. A second call resumes whatever did not finish.
@@ -18,6 +19,7 @@ from typing import Any
 
 from absl import app, flags
 from etils import epath
+import jax
 import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_file  # main.py's --config loader.
@@ -27,14 +29,15 @@ from esvit_jax.data import multicrop, sources
 from esvit_jax.evaluate import knn
 
 RECONSTRUCTED_IMAGES = 8  # MAE: held-out images whose reconstructions the demo draws.
+FINETUNINGS = {"pretrained": "finetune", "random": "finetune_random"}  # config.init -> sub-directory.
 
 DEFAULT_CONFIG = epath.Path(__file__).parent / "configs" / "demo.py"  # Installed with the package.
-_WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where the three runs write.")
+_WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where the runs write.")
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   os.fspath(DEFAULT_CONFIG),
   "The pretraining config file (it must also accept the arguments "
-  "task=knn and task=linear_probe), e.g. configs/small.py:dataset=folder:/data/mine.",
+  "task=knn, task=linear_probe and task=finetune), e.g. configs/small.py:dataset=folder:/data/mine.",
   lock_config=True,
 )
 
@@ -106,7 +109,8 @@ def _shown(path: str) -> str:
 
 
 def main(argv):
-  """Pretrains (or resumes) in --workdir, evaluates the export by k-NN and linear probe, prints the summary.
+  """Pretrains (or resumes) in --workdir, evaluates the export by k-NN, linear probe and fine-tuning (beside
+  a fine-tuning from initialisation), prints the summary.
 
   Args:
     argv: the arguments absl leaves after the flags (none are used).
@@ -114,6 +118,8 @@ def main(argv):
   del argv
   root = epath.Path(_WORKDIR.value)
   console.log_to_file(root)
+  if not jax.config.jax_compilation_cache_dir:  # The second fine-tuning, and a rerun, compile nothing again.
+    jax.config.update("jax_compilation_cache_dir", os.fspath(root / "xla_cache"))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")
@@ -128,6 +134,13 @@ def main(argv):
     eval_configs[task] = config_file.ConfigFileFlagParser(task).parse(_config_file_with(task))
     eval_configs[task].pretrained = os.fspath(pretrain_dir / "export")
     results.update(tasks.run(eval_configs[task], os.fspath(root / task), _shown(_config_file_with(task))))
+  finetuned = {}
+  for init, name in FINETUNINGS.items():
+    finetune_config = config_file.ConfigFileFlagParser("finetune").parse(_config_file_with("finetune"))
+    finetune_config.update(pretrained=os.fspath(pretrain_dir / "export"), init=init)
+    finetuned[init] = tasks.run(
+      finetune_config, os.fspath(root / name), _shown(_config_file_with("finetune"))
+    )
   is_mae = config.method == "mae"
   if is_mae:
     dataset, _ = multicrop.eval_dataset(
@@ -169,6 +182,9 @@ def main(argv):
       f"k-NN evaluation of the export: {knn_export}",
       f"Linear probe on {probe_input}: best {results['linear_top1_best']:.1f}%, last "
       f"{results['linear_top1_last']:.1f}% top-1.",
+      f"Fine-tuning every weight ({finetune_config.epochs} epochs), best top-1: from the pretrained "
+      f"{'encoder' if is_mae else 'teacher'} {finetuned['pretrained']['top1_best']:.1f}%, from "
+      f"initialisation {finetuned['random']['top1_best']:.1f}%.",
       f"Learning curves: {pretrain_dir / 'curves.png'}",
       *(
         [f"Reconstructions of {RECONSTRUCTED_IMAGES} {config.eval_split} images: {figure}"] if is_mae else []

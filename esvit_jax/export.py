@@ -3,9 +3,11 @@
     model, params = esvit_jax.load_pretrained(path)
     pooled, regions = model.apply({'params': params}, images)  # NHWC float32, ImageNet mean/std normalised
 
-The directory holds the teacher backbone only (the heads are training machinery). It is written at the end
-of pretraining, by `python -m esvit_jax.export WORKDIR OUT [--step N]` from any checkpoint, and by the
-PyTorch converter; load_pretrained also reads a training workdir directly (its latest checkpoint's teacher).
+The directory holds the teacher backbone only (the heads are training machinery), or after fine-tuning the
+classifier (backbone, pooling and head: `load_pretrained(path, classifier=True)` gives its logits). It is
+written at the end of pretraining and of fine-tuning, by `python -m esvit_jax.export WORKDIR OUT
+[--step N]` from any pretraining checkpoint, and by the PyTorch converter; load_pretrained also reads a
+pretraining workdir directly (its latest checkpoint's teacher).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import orbax.checkpoint as ocp
 from esvit_jax import checkpointing, cli
 from esvit_jax.errors import NotFoundError, UserError
 from esvit_jax.models import backbones, mae
+from esvit_jax.models import classifier as classifier_lib
 
 FORMAT = "esvit_jax.backbone.v1"
 
@@ -39,15 +42,21 @@ def is_export(path: str | os.PathLike) -> bool:
 
 
 def save_backbone(
-  directory: str | os.PathLike, backbone: nn.Module, params: Any, *, source: str = ""
+  directory: str | os.PathLike,
+  backbone: nn.Module,
+  params: Any,
+  *,
+  source: str = "",
+  classifier: classifier_lib.Classifier | None = None,
 ) -> None:
   """Writes the export directory; a collective call on multi-host runs (every process calls it).
 
   Args:
     directory: the export directory (created if missing; params/ is overwritten).
     backbone: the backbone module, whose architecture goes to model.json.
-    params: its parameters.
+    params: its parameters, or with `classifier` the classifier's ({'backbone', 'head', ...}).
     source: where the weights came from, recorded in model.json.
+    classifier: a fine-tuned classifier around `backbone`: its head and pooling are saved too.
   """
   directory = checkpointing.orbax_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -56,11 +65,17 @@ def save_backbone(
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     meta = {"format": FORMAT, "architecture": backbones.architecture(backbone), "source": str(source)}
+    if classifier is not None:
+      meta["classifier"] = {"num_classes": classifier.num_classes, "pooling": classifier.pooling}
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_backbone(
-  directory: str | os.PathLike, *, dtype: Any = jnp.float32, sharding: jax.sharding.Sharding | None = None
+  directory: str | os.PathLike,
+  *,
+  dtype: Any = jnp.float32,
+  sharding: jax.sharding.Sharding | None = None,
+  classifier: bool = False,
 ) -> tuple[nn.Module, Any]:
   """Reads an export directory; parameters are placed with `sharding` (default: the first device).
 
@@ -68,9 +83,10 @@ def load_backbone(
     directory: the export directory.
     dtype: compute dtype of the returned module.
     sharding: where the parameters go.
+    classifier: return the fine-tuned classifier (backbone, pooling and head) of an export that has one.
 
   Returns:
-    The evaluation-mode backbone and its parameters.
+    The evaluation-mode backbone and its parameters, or with `classifier` the Classifier and its.
   """
   directory = checkpointing.orbax_path(directory)
   meta_path = directory / "model.json"
@@ -81,12 +97,26 @@ def load_backbone(
     raise UserError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT!r}.")
   model = backbones.from_architecture(meta["architecture"], dtype)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = ocp.StandardCheckpointer().restore(directory / "params", _abstract_params(model, sharding))
-  return model, params
+  head = meta.get("classifier")
+  if classifier and head is None:
+    raise UserError(f"{directory} holds a backbone without a classifier head (it was not fine-tuned).")
+  if head is None:
+    return model, ocp.StandardCheckpointer().restore(directory / "params", _abstract_params(model, sharding))
+  network = classifier_lib.Classifier(model, head["num_classes"], head["pooling"])
+  params = ocp.StandardCheckpointer().restore(directory / "params", _abstract_params(network, sharding))
+  if classifier:
+    return network, params
+  if "fc_norm" in params:
+    raise UserError(
+      f"{directory} is a classifier that pools the mean patch token through its own norm (fc_norm) and has "
+      "no final norm: load it with classifier=True."
+    )
+  return model, params["backbone"]
 
 
 def _abstract_params(model: nn.Module, sharding: jax.sharding.Sharding) -> Any:
-  size = model.image_size
+  backbone = model.backbone if isinstance(model, classifier_lib.Classifier) else model
+  size = backbone.image_size
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -155,7 +185,11 @@ def teacher_from_workdir(
 
 
 def load_pretrained(
-  path: str | os.PathLike, *, dtype: Any = jnp.float32, sharding: jax.sharding.Sharding | None = None
+  path: str | os.PathLike,
+  *,
+  dtype: Any = jnp.float32,
+  sharding: jax.sharding.Sharding | None = None,
+  classifier: bool = False,
 ) -> tuple[nn.Module, Any]:
   """(model, params) from an export directory or a pretraining workdir, ready for model.apply.
 
@@ -164,13 +198,17 @@ def load_pretrained(
       teacher backbone, read alone).
     dtype: compute dtype of the returned module.
     sharding: where the parameters go (default: the first device).
+    classifier: the fine-tuned classifier of a fine-tuning export (`model.apply` gives its logits).
 
   Returns:
-    The evaluation-mode backbone (SwinTransformer or VisionTransformer) and its parameters.
+    The evaluation-mode backbone (SwinTransformer or VisionTransformer) and its parameters, or with
+    `classifier` the Classifier and its.
   """
   path = epath.Path(path)
   if is_export(path):
-    return load_backbone(path, dtype=dtype, sharding=sharding)
+    return load_backbone(path, dtype=dtype, sharding=sharding, classifier=classifier)
+  if classifier:
+    raise UserError(f"{path} is not a fine-tuning export: a classifier is read from one (with model.json).")
   if (path / "config.json").exists() and (path / "checkpoints").exists():
     return teacher_from_workdir(path, dtype=dtype, sharding=sharding)
   raise NotFoundError(

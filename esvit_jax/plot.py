@@ -1,9 +1,10 @@
-r"""Learning curves of a pretraining run: WORKDIR/metrics.jsonl -> WORKDIR/curves.png.
+r"""Learning curves of a pretraining or fine-tuning run: WORKDIR/metrics.jsonl -> WORKDIR/curves.png.
 
   python -m esvit_jax.plot WORKDIR
 
 One panel per metric present (loss, view and region loss, teacher entropy, teacher embedding std,
-learning rate, k-NN top-1), against the step. Pretraining writes the figure at its end too.
+learning rate, k-NN top-1, fine-tuning's validation top-1), against the step. Pretraining and fine-tuning
+write the figure at their end too.
 """
 
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ PANELS = (
   ("teacher_embedding_std", "teacher embedding std (collapse: near 0)"),
   ("lr", "learning rate"),
   ("knn_top1_k", "k-NN top-1 (%)"),
+  ("top1", "validation top-1 (%)"),
+  ("ema_top1", "validation top-1 of the EMA (%)"),
 )
 
 
@@ -71,7 +74,7 @@ def save_curves(workdir: str | os.PathLike) -> epath.Path:
   """Writes workdir/curves.png from workdir/metrics.jsonl.
 
   Args:
-    workdir: a pretraining workdir.
+    workdir: a pretraining or fine-tuning workdir.
 
   Returns:
     The path of the PNG.
@@ -79,9 +82,7 @@ def save_curves(workdir: str | os.PathLike) -> epath.Path:
   workdir = epath.Path(workdir)
   records = writers.read_metrics(workdir)
   if not records:
-    raise errors.NotFoundError(
-      f"No metrics in {workdir / 'metrics.jsonl'}: is {workdir} a pretraining workdir?"
-    )
+    raise errors.NotFoundError(f"No metrics in {workdir / 'metrics.jsonl'}: is {workdir} a training workdir?")
   path = workdir / "curves.png"
   with path.open("wb") as f:
     plot_curves(records).savefig(f, format="png", dpi=100)

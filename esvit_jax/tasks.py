@@ -17,9 +17,15 @@ TASKS = {
   "pretrain": "esvit_jax.train:train_and_evaluate",
   "knn": "esvit_jax.evaluate.knn:run",
   "linear_probe": "esvit_jax.evaluate.linear:train_and_evaluate",
+  "finetune": "esvit_jax.evaluate.finetune:train_and_evaluate",
 }
 EVALUATION_TASKS = ("knn", "linear_probe")
-TITLES = {"pretrain": "Pretraining", "knn": "k-NN evaluation", "linear_probe": "Linear probe"}
+TITLES = {
+  "pretrain": "Pretraining",
+  "knn": "k-NN evaluation",
+  "linear_probe": "Linear probe",
+  "finetune": "Fine-tuning",
+}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 

@@ -2,6 +2,7 @@ r"""The mutation check of docs/fidelity.md: every documented behaviour, broken o
 
   python tests/mutants.py                      # every mutant of every row (`make mutants`)
   python tests/mutants.py --match eps --match Per-crop   # rows whose behaviour text holds one of these
+  python tests/mutants.py --match Per-crop --mutant LOCAL_BLUR   # of those rows, the mutants holding this
   python tests/mutants.py --list               # the rows and their mutants, nothing run
 
 Each row of the fidelity tables is `| behaviour | tests | mutants |`. A mutant is written
@@ -157,6 +158,12 @@ def run_mutant(copy: pathlib.Path, mutant: Mutant, tests: tuple[str, ...], timeo
   return outcome, "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
 
 
+def _with_mutants_holding(row: Row, texts: list[str]) -> Row:
+  """The row with only the mutants whose text holds one of texts."""
+  kept = tuple(m for m in row.mutants if any(text in str(m) for text in texts))
+  return dataclasses.replace(row, mutants=kept)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the selected mutants and prints killed / survived per row.
 
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument(
     "--match", action="append", default=[], help="Only rows whose behaviour holds this text."
+  )
+  parser.add_argument(
+    "--mutant", action="append", default=[], help="Only mutants whose `path: 'before' -> 'after'` holds this."
   )
   parser.add_argument("--list", action="store_true", help="List the rows and their mutants; run nothing.")
   parser.add_argument("--timeout", type=int, default=600, help="Seconds allowed to each test.")
@@ -183,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
   if broken:
     print("\n".join(broken), file=sys.stderr)
     return 1
+  if args.mutant:
+    rows = [_with_mutants_holding(row, args.mutant) for row in rows]
+    rows = [row for row in rows if row.mutants]
+    if not rows:
+      print(f"no mutant of the rows matched holds any of {args.mutant}", file=sys.stderr)
+      return 1
   if args.list:
     for row in rows:
       print(f"line {row.line}: {row.behaviour[:100]}\n  tests: {' '.join(row.tests)}")

@@ -119,7 +119,7 @@ def test_demo_loads_its_config_by_path_and_never_imports_the_configs_package():
   imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
   assert not [m for m in imported if m == "configs" or m.startswith("configs.")]
   assert demo.DEFAULT_CONFIG == demo.epath.Path(ROOT) / "esvit_jax" / "configs" / "demo.py"
-  for task in ("pretrain", "knn", "linear_probe"):
+  for task in ("pretrain", "knn", "linear_probe", "finetune"):
     config = config_file.ConfigFileFlagParser("c").parse(f"{demo.DEFAULT_CONFIG}:task={task}")
     assert config.task == task and config.eval_split == "test"
 
@@ -132,6 +132,7 @@ def test_mae_demo_prints_its_figures_and_draws_reconstructions(tmp_path):
   done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "MAE demo: a ViT (embed 32, depth 2, 4 heads)" in done.stdout
+  assert "from the pretrained encoder" in done.stdout and "from initialisation" in done.stdout
   for line in ("the network at initialisation:", "the pretrained encoder:", "Linear probe on the CLS token"):
     assert line in done.stdout, line
   figure = workdir / "reconstruction.png"

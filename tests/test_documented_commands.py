@@ -243,6 +243,30 @@ HOW = {
   "--workdir DIR": ParseOnly("needs the user's image folder /data/mine"),
   "python main.py --config configs/small.py:dataset=folder:/data/mine,task=knn "
   "--config.pretrained=DIR/export --workdir DIR/knn": ParseOnly("needs the user's image folder /data/mine"),
+  "python main.py --config configs/small.py:dataset=folder:/data/mine,task=finetune "
+  "--config.pretrained=DIR/export --workdir DIR/finetune": ParseOnly(
+    "needs the user's image folder /data/mine"
+  ),
+  "python main.py --config configs/demo.py:task=finetune --config.pretrained=demo_workdir/pretrain "
+  "--workdir demo_workdir/finetune": ParseOnly(
+    "needs the pretraining above; tests/test_demo.py runs the demo"
+  ),
+  "python main.py --config configs/mae_demo.py:task=finetune --config.pretrained=demo_workdir_mae/pretrain "
+  "--workdir demo_workdir_mae/finetune": ParseOnly(
+    "needs the pretraining above; tests/test_demo.py runs the demo"
+  ),
+  "python main.py --config configs/demo.py:task=finetune": ParseOnly(
+    "needs a pretrained export (--config.pretrained); tests/test_demo.py runs the demo's fine-tunings"
+  ),
+  "python main.py --config configs/finetune.py --config.pretrained=PATH --workdir DIR": ParseOnly(
+    "needs ImageNet and an export; tests/test_finetune.py fine-tunes one on an image folder"
+  ),
+  "python main.py --config configs/finetune_mae_tiny.py --config.pretrained=PATH --workdir DIR": ParseOnly(
+    "needs ImageNet and an export; tests/test_finetune.py fine-tunes one on an image folder"
+  ),
+  "python main.py --config configs/finetune_mae_base.py --config.pretrained=PATH --workdir DIR": ParseOnly(
+    "needs ImageNet and an export; tests/test_finetune.py fine-tunes one on an image folder"
+  ),
   "python main.py --config configs/swin_b.py --workdir DIR": ParseOnly(TRAINING),
   "python main.py --config configs/swin_s.py --workdir DIR": ParseOnly(TRAINING),
   "python main.py --config configs/swin_s.py:window=14 --workdir DIR": ParseOnly(TRAINING),

@@ -180,10 +180,11 @@ def test_demo_reads_its_packaged_config_from_another_directory(installed, tmp_pa
     "from esvit_jax import demo\n"
     "assert str(demo.DEFAULT_CONFIG).startswith(sys.prefix), demo.DEFAULT_CONFIG\n"
     "parse = config_flags.ConfigFileFlagParser('config').parse\n"
-    "print([parse(f'{demo.DEFAULT_CONFIG}:task={t}').task for t in ('pretrain', 'knn', 'linear_probe')])\n"
+    "tasks = ('pretrain', 'knn', 'linear_probe', 'finetune')\n"
+    "print([parse(f'{demo.DEFAULT_CONFIG}:task={t}').task for t in tasks])\n"
   )
   done = run([python, "-c", script], tmp_path)
-  assert done.stdout.strip() == "['pretrain', 'knn', 'linear_probe']"
+  assert done.stdout.strip() == "['pretrain', 'knn', 'linear_probe', 'finetune']"
 
 
 @pytest.mark.slow

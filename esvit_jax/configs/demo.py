@@ -5,7 +5,9 @@ r"""The small-data recipe (configs/small.py) on the embedded demo dataset, sized
       --workdir demo_workdir/knn
   python main.py --config configs/demo.py:task=linear_probe --config.pretrained=demo_workdir/pretrain \
       --workdir demo_workdir/linear_probe
-  (`make demo` runs all three through `python -m esvit_jax.demo`, with the raw-pixel k-NN baseline, and
+  python main.py --config configs/demo.py:task=finetune --config.pretrained=demo_workdir/pretrain \
+      --workdir demo_workdir/finetune
+  (`make demo` runs these through `python -m esvit_jax.demo`, with the raw-pixel k-NN baseline, and
   prints what the network learned.)
 
 Same code path as ImageNet pretraining, scaled down: 64 px images of 10 shape/texture classes, two 32 px
@@ -22,6 +24,8 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, task="pretrain", epochs=32)
   config = small.get_config(f"dataset=demo,crop=32,epochs={args.epochs},task={args.task}")
   config.eval_split = "test"
+  if args.task == "finetune":
+    config.canvas_size = 64  # The demo images are 64 x 64.
   if args.task != "pretrain":
     return config
   config.canvas_size = 64  # The demo images are 64 x 64 (device mode ships each in this canvas).

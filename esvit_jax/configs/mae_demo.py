@@ -4,13 +4,15 @@ r"""MAE on the embedded demo dataset, sized for a CPU (the MAE-Lite recipe of co
   python main.py --config configs/mae_demo.py --workdir demo_workdir_mae/pretrain
   python main.py --config configs/mae_demo.py:task=knn --config.pretrained=demo_workdir_mae/pretrain \
       --workdir demo_workdir_mae/knn
+  python main.py --config configs/mae_demo.py:task=finetune --config.pretrained=demo_workdir_mae/pretrain \
+      --workdir demo_workdir_mae/finetune
 
 Same code path as ImageNet pretraining: 64 px images of 10 shape/texture classes, one 32 px crop per image
 (8 x 8 patches of 4 px, 75% masked), a 4-block ViT encoder of width 96 with heads 16 wide (MAE-Lite's
 head width) and a 1-block decoder of width 48.
 """
 
-from esvit_jax.configs import common, knn, linear_probe, mae_common
+from esvit_jax.configs import common, finetune, knn, linear_probe, mae_common
 
 CROP = 32
 
@@ -27,6 +29,12 @@ def get_config(arg: str | None = None):
     config.update(**data, crop_size=CROP, batch_size=256, eval_batch_size=200, epochs=6, lr=0.2)
     config.n_last_blocks = 1  # MAE's linear probe reads the last block's CLS token.
     config.update(log_every_steps=15, shuffle_buffer=1000)
+    return config
+  if args.task == "finetune":
+    config = finetune.small_data_config(CROP)
+    config.update(dataset="demo", eval_split="test", canvas_size=64)
+    # MAE's network for fine-tuning: the mean patch token through a fresh norm, a head of N(0, 2e-5).
+    config.update(pooling="mean_patch", head_init_std=2e-5)
     return config
 
   config = mae_common.mae_pretrain_config("tiny")

@@ -4,9 +4,12 @@ r"""The small-data recipe: EsViT on 1k-100k images at low resolution (32 or 64 p
   python main.py --config configs/small.py:dataset=folder:/data/mine,crop=64,epochs=200 --workdir DIR
   python main.py --config configs/small.py:dataset=folder:/data/mine,task=knn \
       --config.pretrained=DIR/export --workdir DIR/knn
+  python main.py --config configs/small.py:dataset=folder:/data/mine,task=finetune \
+      --config.pretrained=DIR/export --workdir DIR/finetune
 
 Arguments: dataset ('folder:/path' with train/<class>/*.png and val/<class>/..., 'demo' or a TFDS name),
-crop (the training and evaluation crop in px, a multiple of 32), epochs, task (pretrain, knn, linear_probe).
+crop (the training and evaluation crop in px, a multiple of 32), epochs, task (pretrain, knn, linear_probe,
+finetune: fine-tuning's small-data recipe, configs/finetune.py's small_data_config).
 The algorithm is EsViT's (view and region losses, EMA teacher, multi-crop); only the recipe changes. The
 collapse warning (config.collapse_patience) and the k-NN monitor (config.eval_every_steps) say early if a
 run does not learn. The fewer the images, the more epochs: on 1,437 digits (benchmarks/digits.py) 30
@@ -14,7 +17,7 @@ epochs left the k-NN where initialisation put it, 100 and 200 epochs raised it s
 """
 
 from esvit_jax import errors
-from esvit_jax.configs import common, knn, linear_probe
+from esvit_jax.configs import common, finetune, knn, linear_probe
 from esvit_jax.data import constants
 
 IMAGENET_CROP = 224  # The crop size DINO's pixel-valued augmentation strengths were chosen for.
@@ -41,6 +44,10 @@ def get_config(arg: str | None = None):
       log_every_steps=15,
       shuffle_buffer=1000,
     )
+    return config
+  if args.task == "finetune":
+    config = finetune.small_data_config(args.crop)
+    config.dataset = args.dataset
     return config
 
   config = common.pretrain_config("swin_tiny", drop_path_rate=0.1, window_size=4)

@@ -40,9 +40,17 @@ def _round8(x: jax.Array) -> jax.Array:
   return jnp.floor(jnp.clip(x, 0.0, 255.0) + 0.5)
 
 
-def _divide(x: jax.Array, y: float) -> jax.Array:
+def divide(x: jax.Array, y: float) -> jax.Array:
   """x / y as one IEEE division: XLA would multiply by the reciprocal of a scalar, which rounds
-  differently; an array divisor (y + 0 x) keeps the division."""
+  differently; an array divisor (y + 0 x) keeps the division.
+
+  Args:
+    x: the dividend.
+    y: the divisor.
+
+  Returns:
+    x / y, correctly rounded as PIL's C code divides.
+  """
   return x / (y + 0.0 * x)
 
 
@@ -343,18 +351,34 @@ def grayscale(x: jax.Array) -> jax.Array:
   return jnp.floor((r * 19595.0 + g * 38470.0 + b * 7471.0 + 32768.0) / 65536.0)[..., None]
 
 
-def _blend(degenerate: jax.Array, x: jax.Array, factor: jax.Array) -> jax.Array:
+def blend(degenerate: jax.Array, x: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL Image.blend(degenerate, x, factor): float blend, clipped, truncated to 8 bits.
 
   PIL rounds the product and then the sum; the select keeps XLA from fusing them into one multiply-add,
-  whose single rounding truncates a few values in a million to the level below."""
+  whose single rounding truncates a few values in a million to the level below.
+
+  Args:
+    degenerate: pixel floats, the image at factor 0.
+    x: pixel floats of the same shape, the image at factor 1.
+    factor: the blend factor (any real; outside [0, 1] it extrapolates).
+
+  Returns:
+    Whole-number pixel floats in [0, 255].
+  """
   diff = x - degenerate
   product = jnp.where(diff == 0.0, 0.0, factor * diff)
   return jnp.floor(jnp.clip(degenerate + product, 0.0, 255.0))
 
 
-def _gray_mean(x: jax.Array) -> jax.Array:
-  """ImageEnhance.Contrast's degenerate level: the L image's mean, rounded half up (exact integers)."""
+def gray_mean(x: jax.Array) -> jax.Array:
+  """ImageEnhance.Contrast's degenerate level: the L image's mean, rounded half up (exact integers).
+
+  Args:
+    x: pixel floats [h, w, 3].
+
+  Returns:
+    The level, a float32 scalar.
+  """
   total = jnp.sum(grayscale(x).astype(jnp.int32))
   count = x.shape[0] * x.shape[1]
   return ((2 * total + count) // (2 * count)).astype(jnp.float32)
@@ -370,7 +394,7 @@ def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
   Returns:
     Pixel floats [h, w, 3].
   """
-  return _blend(jnp.zeros_like(x), x, factor)
+  return blend(jnp.zeros_like(x), x, factor)
 
 
 def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -383,7 +407,7 @@ def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
   Returns:
     Pixel floats [h, w, 3].
   """
-  return _blend(_gray_mean(x), x, factor)
+  return blend(gray_mean(x), x, factor)
 
 
 def adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -396,7 +420,7 @@ def adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
   Returns:
     Pixel floats [h, w, 3].
   """
-  return _blend(grayscale(x), x, factor)
+  return blend(grayscale(x), x, factor)
 
 
 def _hue_thresholds() -> np.ndarray:
@@ -435,7 +459,7 @@ def _rgb_to_hsv(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   rc, gc, bc = ((maxc - c).astype(jnp.float32) / safe.astype(jnp.float32) for c in (r, g, b))
   h_green = jnp.where(b == minc, 1.0 + rc, 3.0 - bc)
   h_blue = jnp.where(r == minc, 3.0 + gc, 5.0 - rc)
-  h = _divide(jnp.where(red_max, bc - gc, jnp.where(green_max, h_green, h_blue)), 6.0)
+  h = divide(jnp.where(red_max, bc - gc, jnp.where(green_max, h_green, h_blue)), 6.0)
   whole = (chroma > 0) & ((255 * num) % (6 * safe) == 0) & (h >= 0.0)
   hue = jnp.where(whole & (h < jnp.asarray(_HUE_THRESHOLDS)[hue]), hue - 1, hue)
   hue = jnp.where(chroma == 0, 0, hue)
@@ -479,8 +503,8 @@ def _jitter_slot(x: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:
 
   Brightness, contrast and saturation are one blend with different degenerate images, so a slot costs one
   blend and one hue shift whichever op it runs (a vmapped switch computes every branch)."""
-  degenerate = jnp.where(op == 0, 0.0, jnp.where(op == 1, _gray_mean(x), grayscale(x)))
-  blended = _blend(degenerate, x, factors[jnp.minimum(op, 2)])
+  degenerate = jnp.where(op == 0, 0.0, jnp.where(op == 1, gray_mean(x), grayscale(x)))
+  blended = blend(degenerate, x, factors[jnp.minimum(op, 2)])
   out = jnp.where(op == 3, adjust_hue(x, factors[3]), blended)
   return jnp.where(op == _IDENTITY, x, out)
 
@@ -504,7 +528,7 @@ def box_blur_weights(sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
     int32 r, uint32 ww, uint32 fw.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
-  sigma2 = _divide(sigma * sigma, 3.0)
+  sigma2 = divide(sigma * sigma, 3.0)
   length = jnp.sqrt(12.0 * sigma2 + 1.0)
   whole = jnp.floor((length - 1.0) / 2.0)
   frac = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * sigma2)
@@ -677,7 +701,7 @@ def multicrop(
 
 
 # ----------------------------------------------------------------------------------------------------
-# MAE's single crop.
+# One random resized crop per image: MAE's pretraining crop and fine-tuning's.
 
 # Probability of PIL's BILINEAR per interpolation name; the rest of the crops are BICUBIC. "random" is
 # timm's per-image choice between the two (MAE-Lite), "bicubic" the original MAE's.
@@ -685,10 +709,10 @@ _BILINEAR_PROB = {"random": 0.5, "bicubic": 0.0, "bilinear": 1.0}
 MAE_INTERPOLATIONS = tuple(_BILINEAR_PROB)  # The values config.interpolation accepts.
 
 
-def mae_crops(
-  canvas: jax.Array, image_size: jax.Array, positions: jax.Array, config: ml_collections.ConfigDict, dtype
+def random_resized_crops(
+  canvas: jax.Array, image_size: jax.Array, positions: jax.Array, config: ml_collections.ConfigDict
 ) -> jax.Array:
-  """MAE's RandomResizedCrop (timm's interpolation choice) and horizontal flip on a batch of canvases.
+  """timm's RandomResizedCropAndInterpolation and a horizontal flip on a batch of canvases, in pixels.
 
   Args:
     canvas: uint8 [B, S, S, 3], each image in its top-left [:h, :w] corner.
@@ -698,10 +722,9 @@ def mae_crops(
     config: crop_size (the output side), crop_scale (RandomResizedCrop's (min, max) area fraction),
       interpolation ('random': bilinear or bicubic with p 0.5 each, per image; 'bicubic'; 'bilinear'),
       seed.
-    dtype: the output dtype.
 
   Returns:
-    [B, crop_size, crop_size, 3], ImageNet-normalised in dtype; each crop flipped with p 0.5.
+    float32 [B, crop_size, crop_size, 3] of whole numbers in [0, 255]; each crop flipped with p 0.5.
 
   Raises:
     errors.UserError: config.interpolation is none of the three.
@@ -720,4 +743,22 @@ def mae_crops(
     crop = resized_crops(canvas, boxes, config.crop_size, bilinear)[0]
     return jnp.where(flip, pix.flip_left_right(crop), crop)
 
-  return normalize_images(jax.vmap(one)(canvas, image_size, positions), dtype)
+  return jax.vmap(one)(canvas, image_size, positions)
+
+
+def mae_crops(
+  canvas: jax.Array, image_size: jax.Array, positions: jax.Array, config: ml_collections.ConfigDict, dtype
+) -> jax.Array:
+  """MAE's crops: random_resized_crops, ImageNet-normalised.
+
+  Args:
+    canvas: uint8 [B, S, S, 3], each image in its top-left [:h, :w] corner.
+    image_size: int32 [B, 2], each image's (h, w).
+    positions: int32 [B], each example's position in the global input stream.
+    config: as random_resized_crops reads it.
+    dtype: the output dtype.
+
+  Returns:
+    [B, crop_size, crop_size, 3] in dtype.
+  """
+  return normalize_images(random_resized_crops(canvas, image_size, positions, config), dtype)

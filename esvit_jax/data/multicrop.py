@@ -321,6 +321,49 @@ def train_classification_dataset(
   return training_batches(config, _source(config, source), split, batch_size, start_step, shard, transform)
 
 
+def labelled_canvases(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  source: sources.Source | None = None,
+) -> tf.data.Dataset:
+  """Infinite labelled batches for crops made on the device (fine-tuning): each image decoded once in its
+  canvas (canvas_view). Elements: 'canvas' uint8 [b, S, S, 3], 'image_size' int32 [b, 2], 'label' int32
+  [b], 'skipped_files' int32 []; b = config.batch_size // process_count, S = config.canvas_size.
+
+  Args:
+    config: the run's config (dataset, batch_size, canvas_size, seed, shuffle_buffer).
+    split: the split to read.
+    start_step: batches already consumed (to resume).
+    process_index: this host's index (default jax.process_index()).
+    process_count: the number of hosts (default jax.process_count()).
+    source: the dataset, if already opened (default: config.dataset).
+
+  Returns:
+    The dataset of the elements above.
+  """
+  shard = sources.HostShard.current(process_index, process_count)
+
+  def transform(example, seed):
+    del seed  # The device draws the crops from (config.seed, global position).
+    label = tf.cast(example["label"], tf.int32)
+    return {**canvas_view(example["image"], config.canvas_size), "label": label}
+
+  return training_batches(
+    config,
+    _source(config, source),
+    split,
+    config.batch_size,
+    start_step,
+    shard,
+    transform,
+    max_side=config.canvas_size,
+  )
+
+
 def eval_dataset(
   config: ml_collections.ConfigDict,
   split: str,

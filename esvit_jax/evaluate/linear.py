@@ -132,11 +132,7 @@ class Probe:
     Returns:
       Top-1 accuracy in percent over all hosts' unmasked examples.
     """
-    counts = []  # Summed on the host once, after the last batch: no sync per batch.
-    for batch in sharding.prefetch_to_device(batches, self.mesh):
-      batch.pop("skipped_files", None)
-      counts.append(self.correct(params, batch))
-    hits, total = np.sum(jax.device_get(counts), axis=0)
+    hits, total = results_lib.summed_counts(self.correct, params, batches, self.mesh)
     return 100.0 * float(hits) / float(total)
 
 

@@ -285,8 +285,21 @@ class VisionTransformer(nn.Module):
     Returns:
       (pooled, regions).
     """
-    tokens = self.norm(self._block_outputs(images, train, keep)[-1])
+    tokens = self.norm(self.tokens(images, train, keep))
     return tokens[:, 0], tokens[:, 1:]
+
+  def tokens(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None) -> jax.Array:
+    """The last block's tokens before the final norm (what MAE's fine-tuning pools through a fresh norm).
+
+    Args:
+      images: NHWC float images, ImageNet-normalised.
+      train: drop path on (needs a 'dropout' rng).
+      keep: int32 [B, K]: only these patch tokens enter the blocks (see __call__).
+
+    Returns:
+      [B, 1 + N, C]: the CLS token, then the patch tokens.
+    """
+    return self._block_outputs(images, train, keep)[-1]
 
   def last_blocks(self, images: jax.Array, n: int = 4, avgpool: bool = False) -> jax.Array:
     """The linear-probe input: the final-norm CLS tokens of the last n blocks, concatenated, followed with

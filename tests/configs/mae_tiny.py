@@ -1,6 +1,7 @@
 """The MAE demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests.
 
-Its `task=knn` and `task=linear_probe` arguments give the demo's evaluations, the probe cut to one epoch.
+Its `task=knn`, `task=linear_probe` and `task=finetune` arguments give the demo's evaluations, the probe and
+the fine-tuning cut to one epoch.
 """
 
 from esvit_jax.configs import common, mae_demo
@@ -11,6 +12,8 @@ def get_config(arg: str | None = None):
   config = mae_demo.get_config(f"task={task}")
   if task == "linear_probe":
     config.epochs = 1
+  if task == "finetune":
+    config.update(epochs=1, warmup_epochs=0)
   if task != "pretrain":
     return config
   config.model.update(dict(embed_dim=32, depth=2, num_heads=4, decoder_dim=16, decoder_heads=2))

@@ -1,10 +1,23 @@
-"""The demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests."""
+"""The demo config shrunk until a whole run (compile included) takes seconds: for end-to-end tests.
 
-from esvit_jax.configs import demo
+Its `task=knn`, `task=linear_probe` and `task=finetune` arguments give the demo's evaluations, cut to a
+fraction of the demo dataset (k-NN) or one epoch, so that the demo runs whole on it in about a minute.
+"""
+
+from esvit_jax.configs import common, demo
 
 
 def get_config(arg: str | None = None):
-  del arg
+  task = common.parse_arg(arg, task="pretrain").task
+  if task != "pretrain":
+    config = demo.get_config(f"task={task}")
+    if task == "knn":
+      config.update(max_train_examples=512, max_eval_examples=128)
+    elif task == "linear_probe":
+      config.epochs = 1
+    elif task == "finetune":
+      config.update(epochs=1, warmup_epochs=0)
+    return config
   config = demo.get_config()
   config.model.update(
     dict(
