@@ -302,15 +302,18 @@ def test_the_task_lowers_the_loss_writes_results_and_exports_and_resumes_exactly
 
 def test_top1_and_top5_count_the_labels_among_the_highest_logits(folder):
   tuning = finetune.Finetuning(tiny_config(folder), sharding.make_mesh(), vit(), 7, steps_per_epoch=4)
-  logits = np.asarray(jax.random.normal(jax.random.key(0), (16, 7)))
+  # Row i ranks its label i % 7th (0: the highest logit), so that every rank 0..6 is counted or not.
+  perms = np.stack([np.random.default_rng(i).permutation(7) for i in range(16)])
+  logits = np.zeros((16, 7), np.float32)
+  np.put_along_axis(logits, perms, -np.arange(7, dtype=np.float32)[None], axis=1)
+  labels = perms[np.arange(16), np.arange(16) % 7]
   tuning.eval_model = type(
     "Fixed", (), {"apply": staticmethod(lambda variables, images: jnp.asarray(logits))}
   )
-  labels = np.arange(16) % 7
   mask = np.arange(16) < 13  # The last three rows are padding.
   batch = {"image": np.zeros((16, 16, 16, 3), np.uint8), "label": labels, "mask": mask}
   scores = tuning.accuracy({}, iter([batch]))
   rank = (logits > logits[np.arange(16), labels][:, None]).sum(axis=1)  # Logits above the label's.
   assert scores["top1"] == pytest.approx(100 * np.sum((rank == 0) & mask) / 13)
   assert scores["top5"] == pytest.approx(100 * np.sum((rank < 5) & mask) / 13)
-  assert 0 < scores["top1"] < scores["top5"] < 100
+  assert (scores["top1"], scores["top5"]) == pytest.approx((100 * 2 / 13, 100 * 10 / 13))
