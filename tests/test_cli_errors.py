@@ -59,7 +59,7 @@ def assert_user_error(done: subprocess.CompletedProcess, message: str):
   [
     ([TINY, "--config.batch_size=12"], "config.batch_size=12 must be divisible by the 8 devices"),
     ([TINY, "--config.model.backbone=swin_huge"], "'swin_huge' is unknown"),
-    ([TINY, "--config.task=finetune"], "config.task='finetune' is unknown"),
+    ([TINY, "--config.task=segment"], "config.task='segment' is unknown"),
     ([TINY, "--config.dataset=folder:/no/such/dir"], "/no/such/dir"),
     (["--config=/no/such/config.py:arg"], "--config /no/such/config.py: no such file."),
     (["--config=configs/knn.py", "--config.pretrained=/no/such/export"], "/no/such/export is neither"),

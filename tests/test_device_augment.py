@@ -174,7 +174,7 @@ def test_blend_rounds_the_product_then_the_sum_as_pil():
   x, degenerate = np.meshgrid(np.arange(256, dtype=np.float32), np.arange(256, dtype=np.float32))
   factors = _RNG.uniform(0.6, 1.4, (20, 1, 1)).astype(np.float32)
   expected = np.floor(np.clip(degenerate + (factors * (x - degenerate)).astype(np.float32), 0, 255))
-  ours = jax.jit(device_augment._blend)(degenerate, x, factors)  # pylint: disable=protected-access
+  ours = jax.jit(device_augment.blend)(degenerate, x, factors)
   np.testing.assert_array_equal(ours, expected)
 
 

@@ -255,9 +255,6 @@ HOW = {
   "--workdir demo_workdir_mae/finetune": ParseOnly(
     "needs the pretraining above; tests/test_demo.py runs the demo"
   ),
-  "python main.py --config configs/demo.py:task=finetune": ParseOnly(
-    "needs a pretrained export (--config.pretrained); tests/test_demo.py runs the demo's fine-tunings"
-  ),
   "python main.py --config configs/finetune.py --config.pretrained=PATH --workdir DIR": ParseOnly(
     "needs ImageNet and an export; tests/test_finetune.py fine-tunes one on an image folder"
   ),
