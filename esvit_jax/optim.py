@@ -60,7 +60,7 @@ def freeze_labels(params: Any) -> Any:
   """
 
   def label(path, _):
-    names = [str(getattr(k, "key", k)) for k in path]
+    names = _path_names(path)
     return FROZEN_EARLY if FROZEN_EARLY in names else "trained"
 
   return jax.tree_util.tree_map_with_path(label, params)

@@ -101,7 +101,6 @@ class Finetuning:
       config.pooling,
       config.head_init_std,
     )
-    classifier_lib.check_pooling(backbone, config.pooling)
     self.eval_model = self.model.clone(backbone=backbone.clone(dtype=dtype))
     self.policy = randaugment.parse_policy(config.randaugment) if config.randaugment else None
     param_shapes = jax.eval_shape(self._params, jax.random.PRNGKey(0), None)
@@ -157,16 +156,20 @@ class Finetuning:
     positions = step * config.batch_size + jnp.arange(config.batch_size, dtype=jnp.int32)
     positions = jax.lax.with_sharding_constraint(positions, batch_sharding)
     base = jax.random.key(config.seed)
+
+    def stream(name: int, indices: jax.Array) -> jax.Array:
+      """The keys of `indices` in the random stream `name`."""
+      return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base, name), indices)
+
     pixels = device_augment.random_resized_crops(batch["canvas"], batch["image_size"], positions, config)
     if self.policy:
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base, RANDAUGMENT_STREAM), positions)
-      pixels = randaugment.rand_augment(keys, pixels, self.policy)
+      pixels = randaugment.rand_augment(stream(RANDAUGMENT_STREAM, positions), pixels, self.policy)
     images = normalize.normalize_images(pixels, jnp.float32)
     if config.reprob:
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base, ERASING_STREAM), positions)
+      keys = stream(ERASING_STREAM, positions)
       images = jax.vmap(erasing.erase_image, (0, 0, None))(keys, images, config.reprob)
     images, targets = mixup.mix_batch(
-      jax.random.fold_in(jax.random.fold_in(base, MIX_STREAM), step),
+      stream(MIX_STREAM, step[None])[0],
       images,
       batch["label"],
       num_classes=self.num_classes,
