@@ -4,7 +4,8 @@ r"""The accelerator check: the Swin-T or MAE pretraining step with device augmen
   python benchmarks/accelerator_check.py --per_device_batches=64,128 --folder=/data/imagenet
   python benchmarks/accelerator_check.py --config=configs/mae_tiny.py --per_device_batches=256,512
   python benchmarks/accelerator_check.py --config=tests/configs/tiny.py --per_device_batches=1,2 \
-      --steps=2 --warmup=0 --num_images=16 --image_size=48,64 --out_dir=/tmp/check   # seconds, on a CPU
+      --steps=2 --warmup=0 --num_images=16 --image_size=48,64 --logistic=512,16,4 \
+      --out_dir=/tmp/check   # seconds, on a CPU
 
 Run it from a checkout's root with esvit_jax installed (`pip install -e .[cuda12]` or `[tpu]`), or, on a
 host without network or TensorFlow, with the wheels of README.md's "Results and speed" installed. Meant to
@@ -17,6 +18,9 @@ analytic count over the devices' peak bf16 FLOP/s), peak device memory, the augm
 step (the augmentation jitted alone, over the step time) and the host CPU ms per image of the device-mode
 input pipeline (JPEGs decoded into the canvas: demo JPEGs of --image_size, or the --folder given), with
 the host cores that would feed the measured images/s at that cost (host ms per image x images/s / 1000).
+Then one more figure: the seconds of the transfer protocol's whole C search with its refit (16 jitted
+logistic-regression fits, esvit_jax.evaluate.logistic) on benchmarks/logistic.py's synthetic features
+(--logistic: 50,000 x 768, 100 classes), on the first device.
 Writes the same figures with the device kind, package versions and the config to
 <out_dir>/<device kind>-<date>.json. A batch size that does not fit is reported as such, not fatal.
 
@@ -36,6 +40,7 @@ import tempfile
 from absl import app, flags
 import input_pipeline  # A sibling script: benchmarks/ is on sys.path when run as a script.
 import jax
+import logistic as logistic_benchmark
 import train_step as step_benchmark
 
 from esvit_jax import console, sharding
@@ -46,6 +51,9 @@ _PER_DEVICE_BATCHES = flags.DEFINE_list(
 )
 _HOST_BATCHES = flags.DEFINE_integer("host_batches", 8, "Host-pipeline batches of 32 images timed.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
+_LOGISTIC = flags.DEFINE_list(
+  "logistic", ["50000", "768", "100"], "Examples, dimension, classes of the timed C search; empty skips it."
+)
 PACKAGES = (
   "jax",
   "jaxlib",
@@ -115,6 +123,21 @@ def measure(config, mesh, per_device_batch: int) -> dict:
   return row
 
 
+def time_logistic_search(num_examples: int, dim: int, classes: int) -> dict:
+  """The transfer protocol's whole C search and refit on synthetic features, on the first device."""
+  x, labels = logistic_benchmark.synthetic_features(num_examples, dim, classes)
+  result = logistic_benchmark.run_search(logistic_benchmark.Ours(classes, 1000), x, labels, 0.2)
+  iterations = sum(f["iterations"] for f in result["fits"]) + result["refit"]["iterations"]
+  return {
+    "shape": [num_examples, dim, classes],
+    "seconds": result["seconds"],
+    "fits": len(result["fits"]) + 1,
+    "iterations": iterations,
+    "best_c": result["best_c"],
+    "prepare_s": result["prepare_s"],
+  }
+
+
 def print_table(rows: Sequence[dict]) -> None:
   cells = [
     [row["per_device_batch"], f"failed: {row['error']}"]
@@ -144,6 +167,12 @@ def main(argv):
       row["cores_to_feed"] = host_ms * row["train_img_s"] / 1000
   print_table(rows)
   print(f"host pipeline: {host_pipeline or 'measured (host ms/img: device-mode decode into the canvas)'}")
+  search = time_logistic_search(*map(int, _LOGISTIC.value)) if _LOGISTIC.value else None
+  if search:
+    print(
+      "logistic C search: {shape[0]:,} x {shape[1]} features, {shape[2]} classes: {seconds:.2f} s for "
+      "{fits} fits ({iterations} L-BFGS iterations), C = {best_c:.3g}".format(**search)
+    )
 
   now = datetime.datetime.now(datetime.UTC)
   kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
@@ -161,6 +190,7 @@ def main(argv):
         "host_ms_per_img": host_ms,
         "host_pipeline": host_pipeline or "measured",
         "rows": rows,
+        "logistic_search": search,
         "config": json.loads(config.to_json_best_effort()),
       },
       f,

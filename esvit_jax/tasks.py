@@ -18,13 +18,15 @@ TASKS = {
   "knn": "esvit_jax.evaluate.knn:run",
   "linear_probe": "esvit_jax.evaluate.linear:train_and_evaluate",
   "finetune": "esvit_jax.evaluate.finetune:train_and_evaluate",
+  "transfer": "esvit_jax.evaluate.transfer:run",
 }
-EVALUATION_TASKS = ("knn", "linear_probe")
+EVALUATION_TASKS = ("knn", "linear_probe", "transfer")
 TITLES = {
   "pretrain": "Pretraining",
   "knn": "k-NN evaluation",
   "linear_probe": "Linear probe",
   "finetune": "Fine-tuning",
+  "transfer": "Transfer",
 }
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 

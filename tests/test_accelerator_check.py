@@ -21,6 +21,7 @@ TINY_CHECK = [
   "--num_images=64",
   "--image_size=48,80",
   "--host_batches=2",
+  "--logistic=512,16,4",
 ]
 # Installed as sitecustomize.py, this makes every import of the packages an accelerator host lacks (and that
 # do not travel as wheels, README.md "Results and speed") fail as if they were not installed.
@@ -71,6 +72,9 @@ def test_accelerator_check_prints_its_table_and_writes_the_json(tmp_path):
   assert_step_rows(done, report)
   assert report["host_pipeline"] == "measured" and report["host_ms_per_img"] > 0
   assert all(row["host_ms_per_img"] == report["host_ms_per_img"] for row in report["rows"])
+  search = report["logistic_search"]
+  assert search["shape"] == [512, 16, 4] and search["seconds"] > 0 and 12 <= search["fits"] <= 16
+  assert "logistic C search: 512 x 16 features, 4 classes:" in done.stdout
 
 
 @pytest.mark.slow

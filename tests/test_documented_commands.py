@@ -255,6 +255,13 @@ HOW = {
   "--workdir demo_workdir_mae/finetune": ParseOnly(
     "needs the pretraining above; tests/test_demo.py runs the demo"
   ),
+  "python main.py --config configs/transfer.py --config.pretrained=PATH --workdir DIR": ParseOnly(
+    "needs ten TFDS datasets and an export; tests/test_transfer.py runs the task on two image folders"
+  ),
+  "python main.py --config configs/transfer.py --config.pretrained=PATH --config.datasets=cifar10,dtd "
+  "--config.compare=OTHER_DIR --workdir DIR": ParseOnly(
+    "needs CIFAR-10, DTD and an export; tests/test_transfer.py compares two backbones on image folders"
+  ),
   "python main.py --config configs/finetune.py --config.pretrained=PATH --workdir DIR": ParseOnly(
     "needs ImageNet and an export; tests/test_finetune.py fine-tunes one on an image folder"
   ),
@@ -281,8 +288,21 @@ HOW = {
     "needs an accelerator and ImageNet"
   ),
   "python benchmarks/accelerator_check.py --config=tests/configs/tiny.py --per_device_batches=1,2 --steps=2 "
-  "--warmup=0 --num_images=16 --image_size=48,64 --out_dir=/tmp/check": ParseOnly(
+  "--warmup=0 --num_images=16 --image_size=48,64 --logistic=512,16,4 --out_dir=/tmp/check": ParseOnly(
     "a minute; tests/test_accelerator_check.py runs this line (64 images) from the checkout's root"
+  ),
+  "python benchmarks/logistic.py": ParseOnly(
+    "about an hour on a CPU (scikit-learn's search); the shortened line runs the same code"
+  ),
+  "python benchmarks/logistic.py --sklearn=fits --cs=0.01,1": ParseOnly(
+    "ten minutes on a CPU (BENCHMARKS.md); the shortened line runs the same code"
+  ),
+  "python benchmarks/logistic.py --num_examples=2000 --dim=32 --classes=5 --sklearn=none": Shortened(
+    "python benchmarks/logistic.py --num_examples=2000 --dim=32 --classes=5 --sklearn=none --out_dir={tmp}",
+    "seconds; the results JSON goes to an empty directory",
+  ),
+  "python benchmarks/logistic.py --num_examples=10000 --dim=256 --classes=20": ParseOnly(
+    "five minutes on a CPU (BENCHMARKS.md); the shortened line runs the same code"
   ),
   "python benchmarks/data_sources.py": ParseOnly("a minute; the shortened line runs the same code"),
   "python benchmarks/data_sources.py --num_images=1024 --epochs=2": ParseOnly(

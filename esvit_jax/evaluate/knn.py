@@ -25,11 +25,11 @@ Batch = Mapping[str, np.ndarray]
 FEATURES = ("pooled", "mean_patch")  # config.features of the k-NN: what is compared.
 
 
-def pooled_features(backbone, params, images: jax.Array, dtype, features: str = "pooled") -> jax.Array:
-  """The k-NN feature of uint8 images, L2-normalised, float32.
+def frozen_features(backbone, params, images: jax.Array, dtype, features: str = "pooled") -> jax.Array:
+  """A frozen backbone's feature of uint8 images, as it comes out (not normalised), float32.
 
   Args:
-    backbone: the Swin or ViT backbone module.
+    backbone: the backbone module (any of the registry).
     params: its parameters.
     images: uint8 [B, H, W, 3].
     dtype: the compute dtype the images are normalised to.
@@ -37,12 +37,28 @@ def pooled_features(backbone, params, images: jax.Array, dtype, features: str = 
       token), or 'mean_patch', the mean of its final-norm patch tokens (MAE's global pool).
 
   Returns:
-    float32 [B, D], L2-normalised rows.
+    float32 [B, D].
   """
   if features not in FEATURES:
-    raise errors.UserError(f"k-NN features {features!r} are unknown; use one of {FEATURES}.")
+    raise errors.UserError(f"Features {features!r} are unknown; use one of {FEATURES}.")
   pooled, regions = backbone.apply({"params": params}, normalize.normalize_images(images, dtype), train=False)
-  pooled = (pooled if features == "pooled" else regions.mean(axis=1)).astype(jnp.float32)
+  return (pooled if features == "pooled" else regions.mean(axis=1)).astype(jnp.float32)
+
+
+def pooled_features(backbone, params, images: jax.Array, dtype, features: str = "pooled") -> jax.Array:
+  """The k-NN feature of uint8 images: frozen_features, L2-normalised.
+
+  Args:
+    backbone: the backbone module.
+    params: its parameters.
+    images: uint8 [B, H, W, 3].
+    dtype: the compute dtype the images are normalised to.
+    features: 'pooled' or 'mean_patch', as for frozen_features.
+
+  Returns:
+    float32 [B, D], L2-normalised rows.
+  """
+  pooled = frozen_features(backbone, params, images, dtype, features)
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True).clip(1e-12)
 
 
@@ -66,9 +82,12 @@ def pixel_features(images: jax.Array, size: int) -> jax.Array:
 
 
 def extract_features(
-  forward: Callable[[jax.Array], jax.Array], batches: Iterable[Batch], mesh: jax.sharding.Mesh
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Runs `forward` over host-local batches {'image', 'label', 'mask'} of every host.
+  forward: Callable[[jax.Array], jax.Array],
+  batches: Iterable[Batch],
+  mesh: jax.sharding.Mesh,
+  keys: Sequence[str] = ("label", "mask"),
+) -> tuple[jax.Array, ...]:
+  """Runs `forward` over host-local batches {'image', 'label', 'mask', ...} of every host.
 
   Every host must provide the same number of batches.
 
@@ -76,26 +95,24 @@ def extract_features(
     forward: global uint8 images [B, H, W, 3] (sharded on the batch axis) -> features [B, D].
     batches: this host's batches; 'mask' is False for padding rows.
     mesh: the mesh whose 'data' axis the batch is sharded on.
+    keys: the batch entries returned beside the features, stacked likewise.
 
   Returns:
-    features [num_batches, B, D], labels and mask [num_batches, B], all sharded on the batch axis (B is
-    the global batch).
+    features [num_batches, B, D], then each of `keys` [num_batches, B] (by default labels and mask), all
+    sharded on the batch axis (B is the global batch).
   """
   batch_sharding = NamedSharding(mesh, P("data"))
-  features, labels, masks = [], [], []
+  features, stacks = [], [[] for _ in keys]
   for batch in batches:
-    images, label, mask = (
-      jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
-      for k in ("image", "label", "mask")
+    features.append(
+      forward(jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch["image"])))
     )
-    features.append(forward(images))
-    labels.append(label)
-    masks.append(mask)
+    for stack, key in zip(stacks, keys, strict=True):
+      stack.append(jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[key])))
   if not features:
     raise ValueError("No batches to extract features from.")
-  stacked = NamedSharding(mesh, P(None, "data"))
-  stack = jax.jit(lambda xs: jnp.stack(xs), out_shardings=stacked)
-  return stack(features), stack(labels), stack(masks)
+  stack = jax.jit(lambda xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, P(None, "data")))
+  return stack(features), *(stack(s) for s in stacks)
 
 
 def weighted_vote(

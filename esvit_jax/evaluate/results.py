@@ -35,19 +35,23 @@ def summed_counts(
   return np.sum(jax.device_get(counts), axis=0)
 
 
-def write(workdir: str | os.PathLike, metrics: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+def write(
+  workdir: str | os.PathLike, metrics: dict[str, Any], config: ml_collections.ConfigDict, **sections: Any
+) -> None:
   """Writes workdir/results.json (process 0); the task prints its own table (esvit_jax.console).
 
   Args:
     workdir: the evaluation's directory (created if missing).
     metrics: metric name -> value.
     config: the evaluation's config; its `pretrained` field names the checkpoint evaluated.
+    **sections: more entries of the record (JSON-serialisable), e.g. per-dataset details.
   """
   if jax.process_index() == 0:
     record = {
       "metrics": metrics,
       "pretrained": str(config.pretrained),
       "config": json.loads(config.to_json_best_effort()),
+      **sections,
     }
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
